@@ -1,0 +1,66 @@
+# pretrain-pipeline. On a fresh machine: `make smoke` (whole pipeline on CPU) or `make test`.
+# Every target installs what it needs through `make setup` (a venv in .venv, pins in
+# requirements/constraints.txt); torch is installed first, on its own, so pip never pulls a
+# multi-GB CUDA build on a CPU machine.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU build by default. GPU cluster: make setup TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url <CUDA wheel index>"
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+CONFIG ?= configs/smoke.yaml
+RUN    ?=
+ARGS   ?=
+PYTEST_ARGS ?=
+
+export PRETRAIN_PIPELINE_STATE ?= $(CURDIR)/.state
+export PREFECT_HOME ?= $(PRETRAIN_PIPELINE_STATE)/prefect
+export TORCH_EXTENSIONS_DIR ?= $(PRETRAIN_PIPELINE_STATE)/torch_extensions
+export RAY_USAGE_STATS_ENABLED = 0
+export DO_NOT_TRACK = 1
+
+.PHONY: setup smoke test test-fast pretrain run server lock clean-runs help
+
+help:
+	@echo "make smoke     whole pipeline on CPU on a bundled sample corpus (runs/smoke/)"
+	@echo "make test      the test suite (unit + integration with real Ray/DeepSpeed/Prefect)"
+	@echo "make pretrain  the whole pipeline with configs/gpt2-124m.yaml (GPU cluster)"
+	@echo "make run CONFIG=configs/x.yaml ARGS='--set train.max_steps=10'"
+	@echo "make server    a local Prefect server on 127.0.0.1:4200 (UI), database under .state/"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev,onnx]'
+	touch $(STAMP)
+
+smoke: $(STAMP)
+	$(BIN)/pretrain-pipeline run --config configs/smoke.yaml $(ARGS)
+	@echo "report: runs/smoke/report.md   model: runs/smoke/export/hf"
+
+run: $(STAMP)
+	$(BIN)/pretrain-pipeline run --config $(CONFIG) $(ARGS)
+
+pretrain: $(STAMP)
+	$(BIN)/pretrain-pipeline run --config configs/gpt2-124m.yaml $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+lock: $(STAMP)
+	{ head -n 3 requirements/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu//' | sort -f; } > requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,151 @@
+"""Prefect flows: one per stage and ``pretrain-pipeline`` for the whole run.
+
+This layer only wires: it calls ``pretrain_pipeline.stages`` (plain Python that also runs
+without Prefect), routes stage logs into the Prefect run logs, retries what can fail
+transiently and publishes a markdown artifact per stage. Skipping up-to-date stages is done by
+the stages' own fingerprints, so Prefect's input-hash caching is switched off here (it would
+hash the config but not the data on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from pretrain_pipeline import stages
+from pretrain_pipeline.config import PipelineConfig
+
+
+def _artifact_key(run_name: str, stage: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{stage}".lower()).strip("-")
+
+
+def _markdown_summary(stage: str, cfg: PipelineConfig, result: dict[str, Any]) -> str:
+    rows = []
+    flat = result if stage != "tokenize" else {**result.get("tokenizer", {}), **result.get("shards", {})}
+    for key, value in flat.items():
+        if isinstance(value, (dict, list)):
+            value = json.dumps(value, default=str)
+            if len(value) > 200:
+                value = value[:197] + "..."
+        rows.append(f"| {key} | {value} |")
+    return "\n".join(
+        [
+            f"## {stage}: run `{cfg.runtime.run_name}`",
+            f"Run directory: `{cfg.run_dir().resolve()}`",
+            "",
+            "| field | value |",
+            "|---|---|",
+            *rows,
+        ]
+    )
+
+
+def _run_stage(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
+    logger = get_run_logger()
+    result = stages.STAGE_FUNCTIONS[stage](cfg, force=force, log=logger.info)
+    create_markdown_artifact(
+        key=_artifact_key(cfg.runtime.run_name, stage),
+        markdown=_markdown_summary(stage, cfg, result),
+        description=f"{stage} stage of run {cfg.runtime.run_name}",
+    )
+    return result
+
+
+# Data stages can fail on a flaky worker or filesystem; a retry redoes only unfinished work.
+@task(name="clean", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def clean_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    return _run_stage("clean", cfg, force)
+
+
+@task(name="tokenize", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def tokenize_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    return _run_stage("tokenize", cfg, force)
+
+
+# A retried training task resumes from its latest checkpoint rather than starting over.
+@task(name="train", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def train_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    return _run_stage("train", cfg, force)
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def evaluate_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    return _run_stage("evaluate", cfg, force)
+
+
+@task(name="export", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def export_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    return _run_stage("export", cfg, force)
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(cfg: PipelineConfig) -> str:
+    path = stages.report(cfg, log=get_run_logger().info)
+    create_markdown_artifact(
+        key=_artifact_key(cfg.runtime.run_name, "report"),
+        markdown=path.read_text(),
+        description=f"Run report of {cfg.runtime.run_name}",
+    )
+    return str(path)
+
+
+@flow(name="clean")
+def clean_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """Clean and deduplicate the raw corpus on Ray."""
+    return clean_task(config, force)
+
+
+@flow(name="tokenize")
+def tokenize_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """Train the SentencePiece tokenizer and write Arrow shards on Ray."""
+    return tokenize_task(config, force)
+
+
+@flow(name="train")
+def train_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """Pretrain the GPT with DeepSpeed ZeRO; logs stream into this run."""
+    return train_task(config, force)
+
+
+@flow(name="evaluate")
+def evaluate_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """Held-out perplexity, bits per byte and sample generations."""
+    return evaluate_task(config, force)
+
+
+@flow(name="export")
+def export_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
+    """Export the trained model to Hugging Face format."""
+    return export_task(config, force)
+
+
+@flow(name="pretrain-pipeline")
+def pretrain_pipeline(config: PipelineConfig, force: list[str] | None = None) -> dict[str, Any]:
+    """The whole pipeline: clean -> tokenize -> train -> evaluate -> export -> report.
+
+    ``force`` lists stages to redo even when their outputs are current ("all" for every stage);
+    stages after a redone one notice their inputs changed and redo themselves.
+    """
+    force_set = set(force or [])
+    unknown = force_set - set(stages.STAGES) - {"all"}
+    if unknown:
+        raise ValueError(f"unknown stage(s) to force: {sorted(unknown)}; stages are {stages.STAGES}")
+
+    def forced(name: str) -> bool:
+        return name in force_set or "all" in force_set
+
+    results: dict[str, Any] = {
+        "clean": clean_task(config, forced("clean")),
+        "tokenize": tokenize_task(config, forced("tokenize")),
+        "train": train_task(config, forced("train")),
+        "evaluate": evaluate_task(config, forced("evaluate")),
+        "export": export_task(config, forced("export")),
+    }
+    results["report"] = report_task(config)
+    return results

@@ -1,0 +1,187 @@
+"""Run directory layout, atomic writes and stage completion records.
+
+Every stage writes into a temporary name and renames into place; the last thing it writes is
+``_SUCCESS.json`` holding the fingerprint (config section + upstream hashes + code version) that
+made the outputs. A stage whose record matches the current fingerprint is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pretrain_pipeline import __version__
+
+SUCCESS_FILE = "_SUCCESS.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each stage of one run reads and writes (``runs/<name>/...``)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def clean(self) -> Path:
+        return self.root / "clean"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def train(self) -> Path:
+        """Holds the training stage's completion record and launcher logs."""
+        return self.root / "train"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+
+def project_state_dir() -> Path:
+    """Caches shared by all runs (compiled DeepSpeed ops, Prefect's database, Ray temp files)."""
+    return Path(os.environ.get("PRETRAIN_PIPELINE_STATE", ".state")).resolve()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """Hash of JSON-serialisable parts plus the package version."""
+    blob = json.dumps([__version__, *parts], sort_keys=True, default=str).encode()
+    return sha256_bytes(blob)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it is renamed to ``path`` (file or directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    try:
+        yield tmp
+        if path.is_dir() and tmp.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+
+
+def stage_is_current(stage_dir: str | Path, stage_fingerprint: str) -> bool:
+    record = Path(stage_dir) / SUCCESS_FILE
+    if not record.exists():
+        return False
+    try:
+        return read_json(record).get("fingerprint") == stage_fingerprint
+    except ValueError:
+        return False
+
+
+def mark_stage_done(stage_dir: str | Path, stage_fingerprint: str, summary: dict[str, Any]) -> None:
+    atomic_write_json(Path(stage_dir) / SUCCESS_FILE, {"fingerprint": stage_fingerprint, **summary})
+
+
+def clear_stage_record(stage_dir: str | Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (Path(stage_dir) / SUCCESS_FILE).unlink()
+
+
+def read_stage_record(stage_dir: str | Path) -> dict[str, Any] | None:
+    record = Path(stage_dir) / SUCCESS_FILE
+    return read_json(record) if record.exists() else None

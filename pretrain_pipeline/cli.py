@@ -1,0 +1,117 @@
+"""``pretrain-pipeline``: one command per stage, plus ``run`` for the whole pipeline.
+
+    pretrain-pipeline run --config configs/smoke.yaml
+    pretrain-pipeline train --config configs/smoke.yaml --set train.max_steps=50 --force
+    pretrain-pipeline config --config configs/gpt2-124m.yaml      # print the resolved config
+
+The config is validated before any stage starts; an invalid one exits with status 2 and names
+the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pretrain_pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
+from pretrain_pipeline.stages import STAGE_FUNCTIONS, STAGES, configure_environment
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (see configs/).")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="Override one config field (repeatable), e.g. --set train.max_steps=20.",
+    )
+    p.add_argument("--run-name", help="Shortcut for --set runtime.run_name=NAME.")
+    p.add_argument("--ray-address", help="Shortcut for --set runtime.ray_address=ADDR.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain-pipeline", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    helps = {
+        "clean": "Clean and deduplicate the raw corpus on Ray -> runs/<name>/clean/",
+        "tokenize": "Train the SentencePiece tokenizer and write Arrow shards -> tokenizer/, shards/",
+        "train": "Pretrain the GPT with DeepSpeed ZeRO -> checkpoints/, metrics.jsonl, W&B",
+        "evaluate": "Held-out loss, perplexity, bits per byte and samples -> eval/eval.json",
+        "export": "Export to Hugging Face format (safetensors + tokenizer) -> export/hf/",
+    }
+    for name in STAGES:
+        p = sub.add_parser(name, help=helps[name])
+        _add_common(p)
+        p.add_argument("--force", action="store_true", help="Redo the stage even if its outputs are current.")
+
+    p = sub.add_parser("run", help="The whole pipeline as one Prefect flow (or plain Python with --no-prefect).")
+    _add_common(p)
+    p.add_argument(
+        "--force",
+        nargs="*",
+        default=[],
+        metavar="STAGE",
+        help=f"Stages to redo even if current ({', '.join(STAGES)}, or all).",
+    )
+    p.add_argument("--no-prefect", action="store_true", help="Run the stages as plain Python, without Prefect.")
+
+    p = sub.add_parser("report", help="(Re)write runs/<name>/report.md from the run's outputs.")
+    _add_common(p)
+
+    p = sub.add_parser("config", help="Validate and print the resolved config.")
+    _add_common(p)
+    p.add_argument("--schema", action="store_true", help="Print the JSON schema instead.")
+    return parser
+
+
+def _resolve(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.overrides)
+    if args.run_name:
+        overrides.append(f"runtime.run_name={args.run_name}")
+    if args.ray_address:
+        overrides.append(f"runtime.ray_address={args.ray_address}")
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "config" and args.schema:
+        print(json.dumps(PipelineConfig.model_json_schema(), indent=2))
+        return 0
+    try:
+        cfg = _resolve(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(dump_config(cfg), end="")
+        return 0
+
+    configure_environment()
+    result: Any
+    if args.command == "run":
+        force = set(args.force)
+        if args.no_prefect:
+            from pretrain_pipeline.stages import run_all
+
+            result = run_all(cfg, force=force)
+        else:
+            from flows.pipeline import pretrain_pipeline
+
+            result = pretrain_pipeline(config=cfg, force=sorted(force))
+    elif args.command == "report":
+        from pretrain_pipeline.stages import report
+
+        result = {"report": str(report(cfg))}
+    else:
+        result = STAGE_FUNCTIONS[args.command](cfg, force=args.force)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The one typed config of the pipeline.
+
+The same pydantic schema is read from YAML (``configs/*.yaml``), overridden from the command
+line (``--set train.max_steps=20``) and rendered as the Prefect UI form, so a bad value is refused
+in one place, before any work starts, with the dotted name of the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    # Unknown keys are refused so a typo in YAML fails loudly instead of being ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def fingerprint(self) -> str:
+        """Stable hash of this section, used to decide whether a stage's output is current."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+class DataConfig(Section):
+    """Where the raw corpus comes from and how it is cleaned."""
+
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Files, directories or glob patterns of raw documents "
+        "(.jsonl, .jsonl.gz, .jsonl.zst, .parquet, .txt). Relative paths are from the working directory.",
+    )
+    sample_corpus: bool = Field(
+        False,
+        description="Build a small English corpus from the docstrings of the installed Python "
+        "packages instead of reading `inputs` (used by the smoke run; needs no download).",
+    )
+    sample_corpus_max_docs: int = Field(4000, ge=10, description="Cap on documents in the sample corpus.")
+    text_field: str = Field("text", description="Field holding the document text (jsonl, parquet).")
+    id_field: str | None = Field(
+        "id", description="Field holding the document id; ids are made from file and line when absent."
+    )
+    min_words: int = Field(5, ge=0, description="Drop documents with fewer words.")
+    max_words: int = Field(100_000, ge=1, description="Drop documents with more words.")
+    max_chars: int = Field(
+        1_000_000, ge=1000, description="Documents longer than this are cut to this many characters."
+    )
+    min_mean_word_length: float = Field(3.0, ge=0, description="Gopher: drop if mean word length is below.")
+    max_mean_word_length: float = Field(10.0, ge=0, description="Gopher: drop if mean word length is above.")
+    max_symbol_to_word_ratio: float = Field(0.1, ge=0, description="Gopher: '#' and '...' per word.")
+    min_alpha_word_fraction: float = Field(
+        0.8, ge=0, le=1, description="Gopher: fraction of words that must contain a letter."
+    )
+    max_duplicate_line_fraction: float = Field(
+        0.3, ge=0, le=1, description="Gopher repetition: fraction of lines that are duplicates."
+    )
+    exact_dedup: bool = Field(True, description="Drop exact duplicates (hash of normalised text).")
+    documents_per_shard: int = Field(50_000, ge=1, description="Documents per cleaned Parquet shard.")
+
+
+class TokenizerConfig(Section):
+    """SentencePiece training and Arrow shard writing."""
+
+    vocab_size: int = Field(8000, ge=64, le=1_000_000, description="Vocabulary size including special tokens.")
+    model_type: Literal["bpe", "unigram"] = Field("bpe", description="SentencePiece model type.")
+    character_coverage: float = Field(0.9999, gt=0, le=1, description="SentencePiece character coverage.")
+    byte_fallback: bool = Field(True, description="Encode unknown characters as bytes (no <unk>).")
+    split_digits: bool = Field(True, description="Split numbers into single digits.")
+    input_sentence_size: int = Field(
+        2_000_000, ge=100, description="Lines sampled (seeded) for training; bounds memory."
+    )
+    max_sentence_length: int = Field(16384, ge=64, description="Longer lines are split before training.")
+    user_defined_symbols: list[str] = Field(default_factory=list, description="Extra special tokens.")
+    val_fraction: float = Field(
+        0.01, ge=0, lt=1, description="Share of documents routed to validation by a seeded hash of the id."
+    )
+    shard_size_mb: float = Field(64.0, gt=0, description="Target size of one Arrow shard.")
+    seed: int = Field(1234, description="Seed for the training sample and the train/val split.")
+
+
+class ModelConfig(Section):
+    """GPT shape. ``vocab_size`` 0 means: take it from the trained tokenizer."""
+
+    n_layer: int = Field(12, ge=1)
+    n_head: int = Field(12, ge=1)
+    n_embd: int = Field(768, ge=8)
+    block_size: int = Field(1024, ge=8, description="Context length in tokens.")
+    vocab_size: int = Field(0, ge=0, description="0 = the tokenizer's vocabulary size.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    bias: bool = Field(True, description="Biases in linear layers and norms (GPT-2 style).")
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    position: Literal["learned", "rope"] = "learned"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class TrainConfig(Section):
+    """DeepSpeed training. The DeepSpeed JSON is generated from these fields."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU.")
+    offload_param: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per micro-step.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    lr: float = Field(6e-4, gt=0)
+    min_lr: float = Field(6e-5, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
+    activation_checkpointing: bool = False
+    checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every N steps (and at the end).")
+    keep_last_checkpoints: int = Field(3, ge=1)
+    eval_every: int = Field(250, ge=1, description="Validation loss every N steps.")
+    eval_batches: int = Field(20, ge=1, description="Micro-batches per periodic validation.")
+    log_every: int = Field(10, ge=1)
+    nproc_per_node: int = Field(1, ge=1, description="Training processes per node (GPUs, or CPU ranks).")
+    nnodes: int = Field(1, ge=1)
+    launcher: Literal["torchrun", "deepspeed"] = Field("torchrun", description="How ranks are started.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    seed: int = 1337
+    resume: Literal["auto", "never"] = Field("auto", description="auto = continue from the latest checkpoint.")
+
+
+class EvalConfig(Section):
+    """Held-out evaluation and samples."""
+
+    max_tokens: int = Field(
+        1_000_000, ge=1, description="Validation tokens scored (the same every time, for comparability)."
+    )
+    micro_batch_size: int = Field(8, ge=1)
+    prompts: list[str] = Field(default_factory=lambda: ["The ", "In this module, "])
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(0.8, ge=0, description="0 = greedy.")
+    top_k: int = Field(50, ge=0, description="0 = no top-k cut.")
+    seed: int = 7
+
+
+class ExportConfig(Section):
+    hf: bool = Field(True, description="Write a Hugging Face model (safetensors + tokenizer).")
+    onnx: bool = Field(False, description="Also export ONNX and check it with onnxruntime.")
+
+
+class TrackingConfig(Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="online needs WANDB_API_KEY in the environment, never in the config."
+    )
+    project: str = "pretrain-pipeline"
+    entity: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class RuntimeConfig(Section):
+    run_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of runs/<run_name>/.")
+    runs_root: str = Field("runs", description="Folder holding run directories.")
+    ray_address: str | None = Field(
+        None, description="Ray cluster address (ray://host:10001 or host:6379); empty = start a local Ray."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (empty = all).")
+    seed: int = 0
+
+    def run_dir(self) -> Path:
+        return Path(self.runs_root) / self.run_name
+
+
+class PipelineConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PipelineConfig":
+        if not self.data.sample_corpus and not self.data.inputs:
+            raise ValueError("data.inputs is empty and data.sample_corpus is false: nothing to read")
+        if self.train.offload_param and self.train.zero_stage != 3:
+            raise ValueError("train.offload_param needs train.zero_stage: 3")
+        if self.train.offload_optimizer and self.train.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
+        if self.model.vocab_size and self.model.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError("model.vocab_size is smaller than tokenizer.vocab_size")
+        return self
+
+    def run_dir(self) -> Path:
+        return self.runtime.run_dir()
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the field."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.max_steps=20", "data.inputs=[a.jsonl]"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> PipelineConfig:
+    merged = _merge(raw or {}, parse_overrides(overrides or []))
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return build_config(raw, overrides, source)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,187 @@
+"""The run report: every stage's figures in one markdown page, with plots a person would rather see.
+
+It only reads what the stages wrote (stats.json, meta.json, manifest.json, metrics.jsonl,
+summary.json, eval.json, the export's record), so it can be rebuilt at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pretrain_pipeline.artifacts import SUCCESS_FILE, RunPaths, atomic_write_text
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write; the rest is still useful
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(rows: list[tuple[str, Any]]) -> list[str]:
+    return ["| | |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]
+
+
+def _plot_funnel(stats: dict[str, Any], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dropped = stats.get("dropped") or {}
+    labels = ["input"] + [f"- {k}" for k in dropped] + (["- quarantined"] if stats.get("quarantined") else []) + ["kept"]
+    values = [stats.get("docs_in", 0)] + list(dropped.values())
+    if stats.get("quarantined"):
+        values.append(stats["quarantined"])
+    values.append(stats.get("kept", 0))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1))
+    colors = ["#4c72b0"] + ["#c44e52"] * (len(labels) - 2) + ["#55a868"]
+    ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+    for i, v in enumerate(values[::-1]):
+        ax.text(v, i, f" {v:,}", va="center", fontsize=8)
+    ax.set_xlabel("documents")
+    ax.set_title("Cleaning funnel")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _plot_lengths(stats: dict[str, Any], out: Path) -> Path | None:
+    hist = stats.get("length_histogram")
+    if not hist:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges, counts = hist.get("edges"), hist.get("counts")
+    if not edges or not counts:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.stairs(counts, edges, fill=True, alpha=0.7)
+    ax.set_xscale("log" if edges[0] > 0 else "symlog")
+    ax.set_xlabel(f"document length ({hist.get('unit', 'words')})")
+    ax.set_ylabel("documents")
+    ax.set_title("Kept document lengths")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _plot_loss(metrics: list[dict[str, Any]], out: Path) -> Path | None:
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "step" in m]
+    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m and "step" in m]
+    if not train and not val:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Training")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_report(paths: RunPaths) -> Path:
+    paths.plots.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Run report: `{paths.root.name}`", ""]
+
+    stats = _load(paths.clean / "stats.json")
+    lines.append("## 1. Clean")
+    if stats:
+        lines += _table(
+            [("documents in", stats.get("docs_in")), ("kept", stats.get("kept")), ("quarantined", stats.get("quarantined"))]
+            + [(f"dropped: {k}", v) for k, v in (stats.get("dropped") or {}).items()]
+        )
+        if _plot_funnel(stats, paths.plots / "filter_funnel.png"):
+            lines += ["![filter funnel](plots/filter_funnel.png)", ""]
+        if _plot_lengths(stats, paths.plots / "doc_lengths.png"):
+            lines += ["![document lengths](plots/doc_lengths.png)", ""]
+    else:
+        lines += ["(not run)", ""]
+
+    meta = _load(paths.tokenizer / "meta.json")
+    manifest = _load(paths.shards / "manifest.json")
+    lines.append("## 2. Tokenizer and shards")
+    if meta or manifest:
+        rows: list[tuple[str, Any]] = []
+        if meta:
+            rows += [("vocab size", meta.get("vocab_size")), ("tokenizer sha256", str(meta.get("sha256", ""))[:16])]
+        if manifest:
+            for split, shards in (manifest.get("splits") or {}).items():
+                rows += [
+                    (f"{split} shards", len(shards)),
+                    (f"{split} documents", sum(s.get("documents", 0) for s in shards)),
+                    (f"{split} tokens", sum(s.get("tokens", 0) for s in shards)),
+                ]
+            rows.append(("token dtype", manifest.get("dtype")))
+        lines += _table(rows)
+    else:
+        lines += ["(not run)", ""]
+
+    summary = _load(paths.train / "summary.json")
+    metrics = _metrics(paths.metrics)
+    lines.append("## 3. Train")
+    if summary:
+        lines += _table([(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))])
+    if _plot_loss(metrics, paths.plots / "loss.png"):
+        lines += ["![loss](plots/loss.png)", ""]
+    if not summary and not metrics:
+        lines += ["(not run)", ""]
+
+    ev = _load(paths.eval / "eval.json")
+    lines.append("## 4. Evaluate")
+    if ev:
+        lines += _table([(k, v) for k, v in ev.items() if isinstance(v, (int, float))])
+        for sample in ev.get("samples") or []:
+            prompt = sample.get("prompt", "") if isinstance(sample, dict) else ""
+            text = sample.get("completion", sample.get("text", "")) if isinstance(sample, dict) else str(sample)
+            lines += [f"> **{prompt}**{text}".replace("\n", " "), ""]
+    else:
+        lines += ["(not run)", ""]
+
+    exported = _load(paths.export / SUCCESS_FILE)
+    lines.append("## 5. Export")
+    if exported:
+        lines += _table([(k, v) for k, v in exported.items() if k != "fingerprint" and not isinstance(v, (dict, list))])
+    else:
+        lines += ["(not run)", ""]
+
+    atomic_write_text(paths.report, "\n".join(lines))
+    return paths.report

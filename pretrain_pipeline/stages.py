@@ -1,0 +1,131 @@
+"""The pipeline's stages as plain functions: what the CLI calls directly and what flows/ wraps.
+
+Each stage takes the validated config, works in ``runs/<run_name>/`` and returns a small dict of
+paths and figures. Stages skip themselves when their completion record matches the fingerprint of
+their inputs and config section; ``force=True`` redoes one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, project_state_dir
+from pretrain_pipeline.config import PipelineConfig, dump_config
+
+STAGES = ("clean", "tokenize", "train", "evaluate", "export")
+
+Log = Callable[[str], None]
+
+
+def prepare_run(cfg: PipelineConfig) -> RunPaths:
+    """Create the run directory and record the resolved config every stage reads."""
+    paths = RunPaths(cfg.run_dir())
+    paths.root.mkdir(parents=True, exist_ok=True)
+    text = dump_config(cfg)
+    if not paths.config.exists() or paths.config.read_text() != text:
+        atomic_write_text(paths.config, text)
+    project_state_dir().mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def _result(obj: Any) -> dict[str, Any]:
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def clean(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[str, Any]:
+    from data_prep.clean import clean_corpus
+    from data_prep.ray_runtime import ray_session
+
+    paths = prepare_run(cfg)
+    with ray_session(cfg.runtime):
+        result = _result(clean_corpus(cfg, paths, force=force))
+    log(f"clean: {result.get('docs_in')} documents in, {result.get('kept')} kept -> {paths.clean}")
+    return result
+
+
+def tokenize(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[str, Any]:
+    from data_prep.ray_runtime import ray_session
+    from data_prep.shards import write_shards
+    from data_prep.tokenizer import train_tokenizer
+
+    paths = prepare_run(cfg)
+    with ray_session(cfg.runtime):
+        tok = _result(train_tokenizer(cfg, paths, force=force))
+        shards = _result(write_shards(cfg, paths, force=force))
+    log(
+        f"tokenize: vocab {tok.get('vocab_size')}, "
+        f"{shards.get('train_tokens')} train / {shards.get('val_tokens')} val tokens -> {paths.shards}"
+    )
+    return {"tokenizer": tok, "shards": shards}
+
+
+def train(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[str, Any]:
+    from pretrain.launch import train as launch_training
+
+    paths = prepare_run(cfg)
+    result = _result(launch_training(cfg, paths, force=force, log=log))
+    log(f"train: {result.get('steps')} steps, final loss {result.get('final_loss')}")
+    return result
+
+
+def evaluate(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[str, Any]:
+    from pretrain.evaluate import evaluate as run_eval
+
+    paths = prepare_run(cfg)
+    result = _result(run_eval(cfg, paths, force=force))
+    log(f"evaluate: val loss {result.get('loss')}, ppl {result.get('perplexity')}, bpb {result.get('bits_per_byte')}")
+    return result
+
+
+def export(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[str, Any]:
+    from pretrain.export import export as run_export
+
+    paths = prepare_run(cfg)
+    result = _result(run_export(cfg, paths, force=force))
+    log(f"export: {result.get('hf_dir')}")
+    return result
+
+
+def report(cfg: PipelineConfig, log: Log = print) -> Path:
+    from pretrain_pipeline.report import write_report
+
+    paths = prepare_run(cfg)
+    path = write_report(paths)
+    log(f"report: {path}")
+    return path
+
+
+STAGE_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
+    "clean": clean,
+    "tokenize": tokenize,
+    "train": train,
+    "evaluate": evaluate,
+    "export": export,
+}
+
+
+def run_all(cfg: PipelineConfig, force: set[str] | None = None, log: Log = print) -> dict[str, Any]:
+    """The whole pipeline without Prefect (the Prefect flow in flows/ calls the same functions)."""
+    force = force or set()
+    unknown = force - set(STAGES) - {"all"}
+    if unknown:
+        raise ValueError(f"unknown stage(s) to force: {sorted(unknown)}; stages are {STAGES}")
+    results: dict[str, Any] = {}
+    for name in STAGES:
+        results[name] = STAGE_FUNCTIONS[name](cfg, force=name in force or "all" in force, log=log)
+    results["report"] = str(report(cfg, log=log))
+    return results
+
+
+def configure_environment() -> None:
+    """Process-wide defaults that must be set before Prefect, Ray or DeepSpeed are imported."""
+    state = project_state_dir()
+    os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(state / "torch_extensions"))
+    os.environ.setdefault("WANDB_SILENT", "true")
+    # Ray's usage stats would try the network, which is closed here and undesirable on clusters.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
