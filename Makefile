@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR ?= $(PRETRAIN_PIPELINE_STATE)/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 export DO_NOT_TRACK = 1
 
-.PHONY: setup smoke test test-fast pretrain run server lock clean-runs help
+.PHONY: setup smoke test test-fast pretrain run server deploy lock clean-runs help
 
 help:
 	@echo "make smoke     whole pipeline on CPU on a bundled sample corpus (runs/smoke/)"
@@ -29,6 +29,7 @@ help:
 	@echo "make pretrain  the whole pipeline with configs/gpt2-124m.yaml (GPU cluster)"
 	@echo "make run CONFIG=configs/x.yaml ARGS='--set train.max_steps=10'"
 	@echo "make server    a local Prefect server on 127.0.0.1:4200 (UI), database under .state/"
+	@echo "make deploy    serve the flows as deployments to that server (UI Run button)"
 
 setup: $(STAMP)
 
@@ -57,6 +58,10 @@ test-fast: $(STAMP)
 
 server: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Serve the deployments (needs `make server` running); the UI's Run button then starts them here.
+deploy: $(STAMP)
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/python -m flows.deploy --config $(CONFIG) $(ARGS)
 
 lock: $(STAMP)
 	{ head -n 3 requirements/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu//' | sort -f; } > requirements/constraints.txt.new

@@ -32,6 +32,8 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, int):
@@ -77,13 +79,13 @@ def _plot_lengths(stats: dict[str, Any], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    edges, counts = hist.get("edges"), hist.get("counts")
-    if not edges or not counts:
-        return None
+    # stats.json stores bins as [{"min_words", "max_words", "documents"}, ...]
+    edges = [max(b["min_words"], 1) for b in hist] + [hist[-1]["max_words"]]
+    counts = [b["documents"] for b in hist]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.stairs(counts, edges, fill=True, alpha=0.7)
-    ax.set_xscale("log" if edges[0] > 0 else "symlog")
-    ax.set_xlabel(f"document length ({hist.get('unit', 'words')})")
+    ax.set_xscale("log")
+    ax.set_xlabel("document length (words)")
     ax.set_ylabel("documents")
     ax.set_title("Kept document lengths")
     fig.tight_layout()
@@ -93,8 +95,8 @@ def _plot_lengths(stats: dict[str, Any], out: Path) -> Path | None:
 
 
 def _plot_loss(metrics: list[dict[str, Any]], out: Path) -> Path | None:
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "step" in m]
-    val = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m and "step" in m]
+    train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m and "step" in m]
+    val = [(m["step"], m["val/loss"]) for m in metrics if "val/loss" in m and "step" in m]
     if not train and not val:
         return None
     import matplotlib
@@ -168,18 +170,22 @@ def write_report(paths: RunPaths) -> Path:
     ev = _load(paths.eval / "eval.json")
     lines.append("## 4. Evaluate")
     if ev:
-        lines += _table([(k, v) for k, v in ev.items() if isinstance(v, (int, float))])
+        ev = {**ev.get("result", {}), "checkpoint_tag": ev.get("checkpoint_tag")}
+        lines += _table([(k, v) for k, v in ev.items() if isinstance(v, (int, float, str)) and k not in ("eval_path", "skipped")])
         for sample in ev.get("samples") or []:
             prompt = sample.get("prompt", "") if isinstance(sample, dict) else ""
             text = sample.get("completion", sample.get("text", "")) if isinstance(sample, dict) else str(sample)
-            lines += [f"> **{prompt}**{text}".replace("\n", " "), ""]
+            shown = (prompt + text).replace("\n", "\\n").replace("`", "'")
+            lines += [f"- `{shown}` (prompt: `{prompt}`)"]
+        lines.append("")
     else:
         lines += ["(not run)", ""]
 
     exported = _load(paths.export / SUCCESS_FILE)
     lines.append("## 5. Export")
     if exported:
-        lines += _table([(k, v) for k, v in exported.items() if k != "fingerprint" and not isinstance(v, (dict, list))])
+        result = exported.get("result", {})
+        lines += _table([(k, v) for k, v in result.items() if k != "skipped" and not isinstance(v, (dict, list))])
     else:
         lines += ["(not run)", ""]
 

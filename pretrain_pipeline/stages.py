@@ -124,7 +124,13 @@ def configure_environment() -> None:
     """Process-wide defaults that must be set before Prefect, Ray or DeepSpeed are imported."""
     state = project_state_dir()
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
+    # Prefect creates its home but not the parents, and then fails to open its database.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(state / "torch_extensions"))
+    # Without PREFECT_API_URL, Prefect starts a temporary local server; on a fresh database and
+    # a loaded 2-core machine its migrations take longer than Prefect's 20 s default.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
     # Ray's usage stats would try the network, which is closed here and undesirable on clusters.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -66,9 +66,9 @@ def test_every_stage_produced_its_outputs(pipeline_run):
     assert (run / "tokenizer" / "tokenizer.model").exists()
     assert (run / "checkpoints" / "latest").exists()
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [m["loss"] for m in metrics if "loss" in m]
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert losses and losses[-1] < losses[0], "training did not reduce the loss"
-    ev = json.loads((run / "eval" / "eval.json").read_text())
+    ev = json.loads((run / "eval" / "eval.json").read_text())["result"]
     assert 1.0 < ev["perplexity"] < 512
     assert ev["bits_per_byte"] > 0
     report = (run / "report.md").read_text()

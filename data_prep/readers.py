@@ -1,0 +1,191 @@
+"""Raw corpus readers: jsonl (plain, .gz, .zst), Parquet and .txt (one document per file).
+
+A reader never crashes on a bad record and never drops one silently: a line that is not valid
+UTF-8, not JSON, has no string text or holds NUL bytes becomes a *quarantine* row naming the file,
+the line and the reason, so the clean stage's accounting (in = kept + dropped + quarantined) holds.
+
+Every row has the same keys so a Ray Data ``flat_map`` yields one schema::
+
+    {"id", "text", "source", "line", "quarantine", "excerpt"}
+
+``quarantine`` is None for a document; for a quarantined record it is the reason, ``text`` is ""
+and ``excerpt`` holds the start of the offending line.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+SUFFIXES = (*JSONL_SUFFIXES, ".parquet", ".txt")
+EXCERPT_CHARS = 200
+_BOM = b"\xef\xbb\xbf"
+
+
+def _supported(path: Path) -> bool:
+    return path.name.endswith(SUFFIXES)
+
+
+def expand_inputs(patterns: Iterable[str | Path]) -> list[Path]:
+    """Files, directories (searched recursively for supported files) and globs -> sorted, unique paths."""
+    found: set[Path] = set()
+    for pattern in patterns:
+        pattern = str(pattern)
+        path = Path(pattern)
+        if path.is_dir():
+            matches = [p for p in path.rglob("*") if p.is_file() and _supported(p)]
+        elif path.is_file():
+            if not _supported(path):
+                raise ValueError(f"input {pattern!r}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+            matches = [path]
+        else:
+            matches = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file() and _supported(Path(p))]
+        if not matches:
+            raise FileNotFoundError(f"input {pattern!r} matches no {'/'.join(SUFFIXES)} file")
+        found.update(p.resolve() for p in matches)
+    return sorted(found)
+
+
+def _doc(doc_id: str, text: str, source: str, line: int) -> dict[str, Any]:
+    return {"id": doc_id, "text": text, "source": source, "line": line, "quarantine": None, "excerpt": None}
+
+
+def quarantine_row(source: str, line: int, reason: str, raw: bytes | str) -> dict[str, Any]:
+    if isinstance(raw, bytes):
+        raw = raw[: EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
+    excerpt = raw[:EXCERPT_CHARS].replace("\x00", "\\x00")
+    return {"id": "", "text": "", "source": source, "line": line, "quarantine": reason, "excerpt": excerpt}
+
+
+def _doc_id(obj: dict, id_field: str | None, source: str, line: int) -> str:
+    if id_field and obj.get(id_field) is not None:
+        return str(obj[id_field])
+    return f"{source}:{line}"
+
+
+def _check_text(text: Any) -> str | None:
+    """Reason a text value cannot be a document, or None."""
+    if text is None:
+        return "missing_text"
+    if not isinstance(text, str):
+        return "text_not_string"
+    if "\x00" in text:
+        return "nul_byte"
+    return None
+
+
+def _open_binary(path: Path) -> io.BufferedIOBase:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        raw = open(path, "rb")
+        # read_across_frames: files made by concatenating zstd frames (common for shards) read whole.
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True))
+    return open(path, "rb")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return (OSError, EOFError, ValueError, zstandard.ZstdError)
+
+
+def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = "id") -> Iterator[dict[str, Any]]:
+    source = str(path)
+    line_no = 0
+    try:
+        with _open_binary(path) as f:
+            for line_no, raw in enumerate(f, start=1):
+                if line_no == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                raw = raw.rstrip(b"\r\n")
+                # Blank lines separate nothing in jsonl; they are not documents (and not errors).
+                if not raw.strip():
+                    continue
+                try:
+                    decoded = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield quarantine_row(source, line_no, "invalid_utf8", raw)
+                    continue
+                try:
+                    obj = json.loads(decoded)
+                except (json.JSONDecodeError, RecursionError):
+                    yield quarantine_row(source, line_no, "bad_json", decoded)
+                    continue
+                if not isinstance(obj, dict):
+                    yield quarantine_row(source, line_no, "not_an_object", decoded)
+                    continue
+                text = obj.get(text_field)
+                if reason := _check_text(text):
+                    yield quarantine_row(source, line_no, reason, decoded)
+                    continue
+                yield _doc(_doc_id(obj, id_field, source, line_no), text, source, line_no)
+    except _read_errors() as err:
+        # A truncated .gz/.zst: everything before the damage was read; the rest is one quarantine row.
+        yield quarantine_row(source, line_no + 1, f"read_error:{type(err).__name__}", str(err))
+
+
+def read_parquet(path: Path, text_field: str = "text", id_field: str | None = "id") -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    source = str(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        yield quarantine_row(source, 0, f"read_error:{type(err).__name__}", str(err))
+        return
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        yield quarantine_row(source, 0, "missing_text_column", f"columns: {names}")
+        return
+    columns = [text_field] + ([id_field] if id_field and id_field in names and id_field != text_field else [])
+    row = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=4096):
+        for rec in batch.to_pylist():
+            row += 1  # 1-based like jsonl lines, so "line" reads the same for both
+            text = rec.get(text_field)
+            if isinstance(text, bytes):
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield quarantine_row(source, row, "invalid_utf8", rec[text_field])
+                    continue
+            if reason := _check_text(text):
+                yield quarantine_row(source, row, reason, repr(text))
+                continue
+            yield _doc(_doc_id(rec, id_field, source, row), text, source, row)
+
+
+def read_txt(path: Path, text_field: str = "text", id_field: str | None = "id") -> Iterator[dict[str, Any]]:
+    source = str(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        yield quarantine_row(source, 1, "invalid_utf8", raw)
+        return
+    if reason := _check_text(text):
+        yield quarantine_row(source, 1, reason, text)
+        return
+    yield _doc(f"{source}:1", text.replace("\r\n", "\n"), source, 1)
+
+
+def read_file(path: str | Path, text_field: str = "text", id_field: str | None = "id") -> Iterator[dict[str, Any]]:
+    """Rows of one input file (documents and quarantine rows, in file order)."""
+    path = Path(path)
+    name = path.name
+    if name.endswith(JSONL_SUFFIXES):
+        yield from read_jsonl(path, text_field, id_field)
+    elif name.endswith(".parquet"):
+        yield from read_parquet(path, text_field, id_field)
+    elif name.endswith(".txt"):
+        yield from read_txt(path, text_field, id_field)
+    else:
+        raise ValueError(f"{path}: unsupported file type (expected one of {', '.join(SUFFIXES)})")

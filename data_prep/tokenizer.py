@@ -1,0 +1,275 @@
+"""Tokenizer stage: SentencePiece trained on a seeded, bounded sample of the clean corpus.
+
+Llama-like settings: byte fallback (no ``<unk>`` at encode time), single digits, no text
+normalisation (the clean stage already did NFC; the tokenizer must round-trip what it is given,
+whitespace runs included), a dummy prefix space. Ids: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2,
+``<pad>`` 3, then ``user_defined_symbols``.
+
+The vocabulary size is a hard limit: a corpus too small for the requested size fails with a
+message saying the largest size it supports, instead of silently producing a smaller vocabulary
+than the model config was written for.
+
+Output ``tokenizer/``: tokenizer.model, tokenizer.vocab, meta.json, _SUCCESS.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+
+from data_prep.ray_runtime import is_quiet
+from pretrain_pipeline.artifacts import (
+    RunPaths,
+    atomic_path,
+    atomic_write_json,
+    fingerprint,
+    mark_stage_done,
+    read_stage_record,
+    sha256_file,
+    stage_is_current,
+)
+from pretrain_pipeline.config import PipelineConfig, TokenizerConfig
+
+log = logging.getLogger(__name__)
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+MODEL_FILE = "tokenizer.model"
+VOCAB_FILE = "tokenizer.vocab"
+
+# Fields that only shape the shards; changing them must not retrain the tokenizer.
+SHARD_ONLY_FIELDS = ("val_fraction", "shard_size_mb")
+
+
+@dataclass
+class TokenizerResult:
+    model_path: Path
+    vocab_path: Path
+    vocab_size: int
+    sha256: str
+    skipped: bool = False
+    training_lines: int = 0
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model_path"] = str(self.model_path)
+        out["vocab_path"] = str(self.vocab_path)
+        return out
+
+
+def clean_parts(paths: RunPaths) -> list[Path]:
+    record = read_stage_record(paths.clean)
+    if record is None:
+        raise FileNotFoundError(f"{paths.clean}: the clean stage has not completed (no _SUCCESS.json); run it first")
+    parts = sorted(paths.clean.glob("part-*.parquet"))
+    if not parts:
+        raise ValueError(f"{paths.clean}: no document survived cleaning; see {paths.clean / 'stats.json'}")
+    return parts
+
+
+def clean_stage_fingerprint(paths: RunPaths) -> str:
+    record = read_stage_record(paths.clean)
+    if record is None:
+        raise FileNotFoundError(f"{paths.clean}: the clean stage has not completed (no _SUCCESS.json); run it first")
+    return record["fingerprint"]
+
+
+def tokenizer_fingerprint(tok: TokenizerConfig, clean_fp: str) -> str:
+    settings = {k: v for k, v in tok.model_dump(mode="json").items() if k not in SHARD_ONLY_FIELDS}
+    return fingerprint("tokenizer", settings, clean_fp)
+
+
+def iter_texts(parts: list[Path], batch_size: int = 1024) -> Iterator[str]:
+    """Kept documents in clean order."""
+    for part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(columns=["text"], batch_size=batch_size):
+            yield from batch.column("text").to_pylist()
+
+
+def split_long_line(line: str, max_bytes: int) -> list[str]:
+    """Pieces of at most ``max_bytes`` UTF-8 bytes (SentencePiece measures lines in bytes)."""
+    if len(line.encode("utf-8")) <= max_bytes:
+        return [line]
+    pieces: list[str] = []
+    # A character is at most 4 bytes, so this many characters always fit.
+    step = max(1, max_bytes // 4)
+    start = 0
+    while start < len(line):
+        end = min(len(line), start + max_bytes)
+        while len(line[start:end].encode("utf-8")) > max_bytes:
+            end = max(start + step, end - step)
+        pieces.append(line[start:end])
+        start = end
+    return pieces
+
+
+def sample_lines(texts: Iterator[str], max_lines: int, max_bytes: int, seed: int) -> list[str]:
+    """Seeded reservoir sample of non-blank lines, returned in corpus order (bounded memory)."""
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    seen = 0
+    for text in texts:
+        for raw in text.split("\n"):
+            if not raw.strip():
+                continue
+            for line in split_long_line(raw, max_bytes):
+                if len(reservoir) < max_lines:
+                    reservoir.append((seen, line))
+                else:
+                    j = rng.randrange(seen + 1)
+                    if j < max_lines:
+                        reservoir[j] = (seen, line)
+                seen += 1
+    reservoir.sort()
+    return [line for _, line in reservoir]
+
+
+def trainer_settings(tok: TokenizerConfig) -> dict[str, Any]:
+    """SentencePiece trainer arguments (without input/output paths), recorded in meta.json."""
+    return dict(
+        model_type=tok.model_type,
+        vocab_size=tok.vocab_size,
+        character_coverage=tok.character_coverage,
+        byte_fallback=tok.byte_fallback,
+        split_digits=tok.split_digits,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        split_by_whitespace=True,
+        max_sentence_length=tok.max_sentence_length,
+        input_sentence_size=tok.input_sentence_size,
+        shuffle_input_sentence=True,
+        seed_sentencepiece_size=1_000_000,
+        hard_vocab_limit=True,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        pad_piece="<pad>",
+        user_defined_symbols=list(tok.user_defined_symbols),
+    )
+
+
+_TOO_BIG = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
+
+
+def _strip_run_specific(model_file: Path) -> None:
+    """Drop the temp paths and thread count SentencePiece records in the model.
+
+    They would make the model bytes (and so its sha256, which names the tokenizer downstream)
+    differ between two runs that learned exactly the same pieces.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_file.read_bytes())
+    for name in ("input", "model_prefix", "num_threads"):
+        proto.trainer_spec.ClearField(name)
+    model_file.write_bytes(proto.SerializeToString(deterministic=True))
+
+
+def _train(input_file: Path, prefix: Path, tok: TokenizerConfig, num_threads: int | None = None) -> None:
+    import sentencepiece as spm
+
+    settings = trainer_settings(tok)
+    spm.set_random_generator_seed(tok.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            input=str(input_file),
+            model_prefix=str(prefix),
+            num_threads=num_threads or _cpu_count(),
+            minloglevel=2 if is_quiet() else 1,
+            **{k: (",".join(v) if isinstance(v, list) else v) for k, v in settings.items() if v != []},
+        )
+    except RuntimeError as err:
+        if m := _TOO_BIG.search(str(err)):
+            raise ValueError(
+                f"tokenizer.vocab_size={m.group(1)} is too large for this corpus: SentencePiece can make at "
+                f"most {m.group(2)} pieces from it. Set tokenizer.vocab_size <= {m.group(2)} or use more data."
+            ) from None
+        raise
+    _strip_run_specific(prefix.with_suffix(".model"))
+
+
+def _cpu_count() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> TokenizerResult:
+    start = time.monotonic()
+    tok = cfg.tokenizer
+    out_dir = paths.tokenizer
+    parts = clean_parts(paths)
+    clean_fp = clean_stage_fingerprint(paths)
+    fp = tokenizer_fingerprint(tok, clean_fp)
+    if not force and stage_is_current(out_dir, fp):
+        record = read_stage_record(out_dir)
+        log.info("tokenizer: clean corpus and settings unchanged, skipping (%s)", out_dir)
+        return TokenizerResult(
+            model_path=out_dir / MODEL_FILE,
+            vocab_path=out_dir / VOCAB_FILE,
+            vocab_size=record["vocab_size"],
+            sha256=record["sha256"],
+            skipped=True,
+            training_lines=record.get("training_lines", 0),
+            elapsed_s=record.get("elapsed_s", 0.0),
+        )
+
+    lines = sample_lines(iter_texts(parts), tok.input_sentence_size, tok.max_sentence_length, tok.seed)
+    if not lines:
+        raise ValueError(f"{paths.clean}: the clean corpus has no text to train a tokenizer on")
+
+    import sentencepiece as spm
+
+    with atomic_path(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="spm-") as scratch:
+        tmp.mkdir(parents=True)
+        sample_file = Path(scratch) / "sample.txt"
+        with open(sample_file, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+        log.info("tokenizer: training %s vocab=%d on %d lines", tok.model_type, tok.vocab_size, len(lines))
+        _train(sample_file, tmp / "tokenizer", tok)
+        sp = spm.SentencePieceProcessor(model_file=str(tmp / MODEL_FILE))
+        sha = sha256_file(tmp / MODEL_FILE)
+        meta = {
+            "sha256": sha,
+            "vocab_size": sp.get_piece_size(),
+            "unk_id": sp.unk_id(),
+            "bos_id": sp.bos_id(),
+            "eos_id": sp.eos_id(),
+            "pad_id": sp.pad_id(),
+            "settings": trainer_settings(tok),
+            "training_lines": len(lines),
+            "training_bytes": sum(len(line.encode("utf-8")) + 1 for line in lines),
+            "sample_seed": tok.seed,
+            "clean_fingerprint": clean_fp,
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+
+    result = TokenizerResult(
+        model_path=out_dir / MODEL_FILE,
+        vocab_path=out_dir / VOCAB_FILE,
+        vocab_size=meta["vocab_size"],
+        sha256=sha,
+        training_lines=len(lines),
+        elapsed_s=round(time.monotonic() - start, 3),
+    )
+    summary = result.to_dict()
+    summary.pop("skipped")
+    summary["clean_fingerprint"] = clean_fp
+    mark_stage_done(out_dir, fp, summary)
+    log.info("tokenizer: vocab %d, sha256 %s", result.vocab_size, sha[:12])
+    return result

@@ -1,0 +1,1 @@
+"""GPT pretraining: model, data loader, DeepSpeed engine, tracking, launcher, eval and export."""

@@ -1,0 +1,209 @@
+"""Token batches from the Arrow shards that ``data_prep`` writes.
+
+Each split is one flat token stream (documents end with EOS), memory-mapped shard by shard.
+Samples are ``block_size + 1`` tokens at stride ``block_size``, visited in a seeded permutation
+per epoch; rank r of w takes every w-th sample of that permutation. The position in that walk is
+three integers (epoch, cursor, seed), so a resumed run sees exactly the batches it would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from pretrain_pipeline.artifacts import read_json, sha256_file
+
+MANIFEST = "manifest.json"
+
+
+class DataIntegrityError(RuntimeError):
+    """A shard or tokenizer on disk is not the one the manifest describes."""
+
+
+def read_shard_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(flat token stream, document offsets) of one shard, zero-copy from a memory map."""
+    try:  # the data_prep reader is the reference; this fallback reads the same schema
+        from data_prep.shards import read_shard_tokens as reader
+    except ImportError:
+        reader = None
+    if reader is not None:
+        return reader(path)
+    import pyarrow as pa
+
+    column = pa.ipc.open_stream(pa.memory_map(str(path))).read_all().column("input_ids").combine_chunks()
+    return column.values.to_numpy(zero_copy_only=True), column.offsets.to_numpy()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    raw: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        # manifest lives in runs/<name>/shards/; tokenizer_path is relative to runs/<name>/
+        return self.path.parent.parent
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.raw["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.raw["eos_id"])
+
+    @property
+    def bos_id(self) -> int:
+        return int(self.raw["bos_id"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.raw["pad_id"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.run_dir / self.raw["tokenizer_path"]
+
+    def shard_entries(self, split: str) -> list[dict[str, Any]]:
+        try:
+            return list(self.raw["splits"][split])
+        except KeyError:
+            raise DataIntegrityError(f"{self.path}: no split {split!r}") from None
+
+    def shard_paths(self, split: str) -> list[Path]:
+        return [self.path.parent / e["file"] for e in self.shard_entries(split)]
+
+    def verify(self, splits: tuple[str, ...] = ("train", "val")) -> None:
+        """Refuse shards or a tokenizer whose bytes differ from what the manifest recorded."""
+        tok = self.tokenizer_path
+        if not tok.exists():
+            raise DataIntegrityError(f"tokenizer {tok} named by {self.path} does not exist")
+        if sha256_file(tok) != self.raw["tokenizer_sha256"]:
+            raise DataIntegrityError(
+                f"tokenizer {tok} does not match tokenizer_sha256 in {self.path}; "
+                "the shards were encoded with a different tokenizer (re-run the shards stage)"
+            )
+        for split in splits:
+            for entry in self.shard_entries(split):
+                shard = self.path.parent / entry["file"]
+                if not shard.exists():
+                    raise DataIntegrityError(f"shard {shard} listed in {self.path} is missing")
+                if sha256_file(shard) != entry["sha256"]:
+                    raise DataIntegrityError(f"shard {shard} does not match its sha256 in {self.path}")
+
+
+def load_manifest(shards_dir_or_file: str | Path) -> Manifest:
+    path = Path(shards_dir_or_file)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the shards stage first")
+    raw = read_json(path)
+    if raw.get("format") != "arrow-ipc-stream" or raw.get("token_column") != "input_ids":
+        raise DataIntegrityError(f"{path}: unsupported shard format {raw.get('format')!r}")
+    return Manifest(path=path, raw=raw)
+
+
+class TokenStream:
+    """Several memory-mapped shards seen as one 1-D token array (slices may span shards)."""
+
+    def __init__(self, paths: list[Path]):
+        self.parts = [read_shard_tokens(p)[0] for p in paths]
+        self.parts = [p for p in self.parts if len(p)]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        if start < 0 or stop > len(self) or start > stop:
+            raise IndexError(f"[{start}, {stop}) outside a stream of {len(self)} tokens")
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            lo = start - int(self.starts[i])
+            hi = min(stop, int(self.starts[i + 1])) - int(self.starts[i])
+            pieces.append(self.parts[i][lo:hi])
+            start += hi - lo
+            i += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def windows_to_batch(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    chunk = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+
+
+class ShardDataset:
+    """Endless, resumable, rank-disjoint batches of one split."""
+
+    def __init__(
+        self,
+        manifest: Manifest | str | Path,
+        split: str,
+        block_size: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        verify: bool = True,
+    ):
+        self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+        if verify:
+            self.manifest.verify((split,))
+        self.split, self.block_size, self.micro_batch_size = split, block_size, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.stream = TokenStream(self.manifest.shard_paths(split))
+        self.num_samples = max(0, (len(self.stream) - 1) // block_size)
+        # Every rank gets the same count so all ranks take the same number of steps per epoch.
+        self.samples_per_rank = self.num_samples // world_size
+        if self.samples_per_rank < micro_batch_size:
+            raise ValueError(
+                f"split {split!r} has {len(self.stream)} tokens = {self.num_samples} samples of "
+                f"{block_size + 1}; {world_size} rank(s) x micro_batch {micro_batch_size} need at least "
+                f"{world_size * micro_batch_size}: use more data or a smaller block/batch"
+            )
+        self.seed, self.epoch, self.cursor = seed, 0, 0
+        self._order: np.ndarray | None = None
+
+    def _rank_order(self) -> np.ndarray:
+        if self._order is None:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+            self._order = perm[: self.samples_per_rank * self.world_size][self.rank :: self.world_size]
+        return self._order
+
+    def sample_indices(self) -> np.ndarray:
+        """Indices of the next micro-batch's samples (without advancing); for tests and logging."""
+        return self._rank_order()[self.cursor : self.cursor + self.micro_batch_size]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cursor + self.micro_batch_size > self.samples_per_rank:
+            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None  # drop the ragged tail
+        idx = self.sample_indices()
+        self.cursor += self.micro_batch_size
+        bs = self.block_size
+        return windows_to_batch([self.stream.slice(int(i) * bs, int(i) * bs + bs + 1) for i in idx])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("world_size", self.world_size) != self.world_size:
+            # The walk is defined per world size; continuing it with another one would repeat data.
+            raise ValueError(
+                f"data state was saved with world_size {state['world_size']}, this run has {self.world_size}"
+            )
+        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
+        self._order = None
+
+    def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The first ``n_batches`` of this rank's share in stream order (the same set every call)."""
+        order = np.arange(self.samples_per_rank * self.world_size)[self.rank :: self.world_size]
+        bs, mb = self.block_size, self.micro_batch_size
+        for b in range(min(n_batches, len(order) // mb)):
+            idx = order[b * mb : (b + 1) * mb]
+            yield windows_to_batch([self.stream.slice(int(i) * bs, int(i) * bs + bs + 1) for i in idx])

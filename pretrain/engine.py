@@ -1,0 +1,110 @@
+"""Everything DeepSpeed: the generated JSON config, the engine, the optimizer, the LR schedule.
+
+The rest of ``pretrain/`` sees an engine that is called like the model and has ``backward``,
+``step``, ``save_checkpoint`` and ``load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from pretrain_pipeline.config import TrainConfig
+
+
+def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": train_cfg.zero_stage}
+    if train_cfg.zero_stage:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if train_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if train_cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train_cfg.micro_batch_size,
+        "gradient_accumulation_steps": train_cfg.grad_accum_steps,
+        "train_batch_size": train_cfg.micro_batch_size * train_cfg.grad_accum_steps * world_size,
+        "gradient_clipping": train_cfg.grad_clip,
+        "zero_optimization": zero,
+        # We pass a torch AdamW; DeepSpeed would otherwise insist on its compiled CPU Adam when offloading.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train_cfg.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif train_cfg.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 500}
+    return cfg
+
+
+def lr_at(step: int, train_cfg: TrainConfig) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup, then cosine down to min_lr."""
+    if train_cfg.warmup_steps and step < train_cfg.warmup_steps:
+        return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
+    if train_cfg.lr_schedule == "constant":
+        return train_cfg.lr
+    decay_steps = max(1, train_cfg.max_steps - train_cfg.warmup_steps)
+    progress = min(1.0, (step - train_cfg.warmup_steps) / decay_steps)
+    return train_cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train_cfg.lr - train_cfg.min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases (1-D) and embeddings are not pulled towards zero."""
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():  # named_parameters yields a tied weight once
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or id(p) in embedding_params else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Engine:
+    """The DeepSpeed engine plus the client optimizer whose LR we set each step."""
+
+    def __init__(self, ds_engine: Any, optimizer: torch.optim.Optimizer, train_cfg: TrainConfig):
+        self.ds = ds_engine
+        self.optimizer = optimizer
+        self.train_cfg = train_cfg
+
+    def set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.train_cfg)
+        # ZeRO wraps the client optimizer but steps its param_groups, so this is the LR it uses.
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def grad_norm(self) -> float | None:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ds, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+
+def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, world_size: int) -> Engine:
+    import deepspeed
+
+    if train_cfg.activation_checkpointing and hasattr(model, "activation_checkpointing"):
+        model.activation_checkpointing = True
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train_cfg.weight_decay),
+        lr=lr_at(0, train_cfg),
+        betas=(train_cfg.beta1, train_cfg.beta2),
+        eps=1e-8,
+        # fused/foreach kernels are CUDA-only; the default pick is fine on both.
+    )
+    ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(train_cfg, world_size)
+    )
+    return Engine(ds_engine, optimizer, train_cfg)

@@ -1,0 +1,165 @@
+"""Held-out loss, perplexity and bits-per-byte of the last checkpoint, plus a few samples.
+
+Runs in one process, without DeepSpeed's launcher: the checkpoint is consolidated to fp32 first.
+The scored windows are the first ``eval.max_tokens`` targets of the val stream, in order and
+non-overlapping, so numbers from different runs with the same data are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pretrain.checkpoint import latest_tag, load_consolidated_state_dict
+from pretrain.data import Manifest, TokenStream, load_manifest
+from pretrain.model import GPT, resolve_vocab_size
+from pretrain_pipeline.artifacts import (
+    RunPaths,
+    atomic_write_json,
+    fingerprint,
+    mark_stage_done,
+    read_json,
+    read_stage_record,
+    stage_is_current,
+)
+from pretrain_pipeline.config import PipelineConfig
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+    checkpoint_tag: str
+    samples: list[dict[str, str]] = field(default_factory=list)
+    eval_path: str = ""
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_model(cfg: PipelineConfig, paths: RunPaths, tag: str | None = None) -> tuple[GPT, str, Manifest]:
+    """Our GPT with the consolidated weights of checkpoint ``tag`` (latest by default), in eval mode."""
+    manifest = load_manifest(paths.shards)
+    tag = tag or latest_tag(paths.checkpoints)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run the train stage first")
+    model = GPT(cfg.model, resolve_vocab_size(cfg.model, manifest.vocab_size))
+    state = load_consolidated_state_dict(paths.checkpoints, tag)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied lm_head may be stored under either name; anything else missing is a real mismatch.
+    missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {tag} does not fit the model config: missing {missing}, unexpected {unexpected}")
+    return model.eval(), tag, manifest
+
+
+def token_byte_lengths(sp) -> np.ndarray:
+    """UTF-8 bytes each piece stands for; control tokens count 0, byte-fallback tokens 1."""
+    lengths = np.zeros(sp.get_piece_size(), dtype=np.int64)
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        lengths[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return lengths
+
+
+def scored_bytes(targets: np.ndarray, previous: np.ndarray, lengths: np.ndarray, eos_id: int, sp) -> int:
+    """Bytes of the text the targets spell; the dummy-prefix space a document starts with is not text."""
+    total = int(lengths[targets].sum())
+    starts = previous == eos_id
+    if starts.any():
+        first_pieces = targets[starts]
+        total -= sum(1 for t in first_pieces if sp.id_to_piece(int(t)).startswith("\u2581"))
+    return total
+
+
+@torch.no_grad()
+def score(model: GPT, stream: TokenStream, max_tokens: int, micro_batch: int, eos_id: int, sp, device: str) -> dict[str, float]:
+    bs = model.block_size
+    n_windows = min((len(stream) - 1) // bs, max(1, math.ceil(max_tokens / bs)))
+    if n_windows < 1:
+        raise ValueError(f"the val split has {len(stream)} tokens, fewer than one window of {bs + 1}")
+    lengths = token_byte_lengths(sp)
+    nats, tokens, nbytes = 0.0, 0, 0
+    for start in range(0, n_windows, micro_batch):
+        windows = [stream.slice(w * bs, w * bs + bs + 1) for w in range(start, min(start + micro_batch, n_windows))]
+        chunk = torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        nats += float(loss)
+        tokens += y.numel()
+        # The first window's first token has no predecessor in the stream; treat it as a document start.
+        prev = x.cpu().numpy().ravel().copy()
+        if start == 0:
+            prev[0] = eos_id
+        nbytes += scored_bytes(y.cpu().numpy().ravel(), prev, lengths, eos_id, sp)
+    loss = nats / tokens
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_byte": nats / (math.log(2) * max(nbytes, 1)),
+        "tokens": tokens,
+        "bytes": nbytes,
+    }
+
+
+def generate_samples(model: GPT, sp, cfg: PipelineConfig, eos_id: int, bos_id: int, device: str) -> list[dict[str, str]]:
+    ec = cfg.eval
+    samples = []
+    for i, prompt in enumerate(ec.prompts):
+        generator = torch.Generator(device=device).manual_seed(ec.seed + i)
+        ids = sp.encode(prompt) or [bos_id]
+        out = model.generate(
+            torch.tensor([ids], device=device), ec.max_new_tokens, temperature=ec.temperature,
+            top_k=ec.top_k or None, generator=generator, eos_id=eos_id,
+        )
+        samples.append({"prompt": prompt, "completion": sp.decode(out[0, len(ids):].tolist())})
+    return samples
+
+
+def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalResult:
+    import sentencepiece as spm
+
+    train_record = read_stage_record(paths.train) or {}
+    tag = latest_tag(paths.checkpoints)
+    fp = fingerprint(cfg.eval.model_dump(mode="json"), train_record.get("fingerprint"), tag)
+    if not force and stage_is_current(paths.eval, fp):
+        return EvalResult(**{**read_json(paths.eval / "eval.json")["result"], "skipped": True})
+
+    device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    model, tag, manifest = load_model(cfg, paths, tag)
+    model.to(device)
+    manifest.verify(("val",))
+    sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
+    stream = TokenStream(manifest.shard_paths("val"))
+    metrics = score(model, stream, cfg.eval.max_tokens, cfg.eval.micro_batch_size, manifest.eos_id, sp, device)
+    samples = generate_samples(model, sp, cfg, manifest.eos_id, manifest.bos_id, device)
+    result = EvalResult(
+        loss=metrics["loss"], perplexity=metrics["perplexity"], bits_per_byte=metrics["bits_per_byte"],
+        tokens=int(metrics["tokens"]), bytes=int(metrics["bytes"]), checkpoint_tag=tag, samples=samples,
+        eval_path=str(paths.eval / "eval.json"),
+    )
+    atomic_write_json(
+        paths.eval / "eval.json",
+        {
+            "result": result.to_dict(),
+            "checkpoint_tag": tag,
+            "fingerprint": fp,
+            "train_fingerprint": train_record.get("fingerprint"),
+            "model_config_fingerprint": cfg.model.fingerprint(),
+            "manifest": str(manifest.path),
+            "bits_per_byte_method": "UTF-8 bytes of the scored target pieces (byte tokens count 1, "
+            "control tokens 0, the dummy-prefix space at each document start excluded)",
+        },
+    )
+    mark_stage_done(paths.eval, fp, {"checkpoint_tag": tag, "loss": result.loss, "bits_per_byte": result.bits_per_byte})
+    return result

@@ -1,0 +1,183 @@
+"""Start the training ranks (torchrun or the deepspeed launcher) and wait for them.
+
+A plain function for the CLI and the Prefect flow: it decides whether training is current,
+builds the command and environment, streams the ranks' output, and kills the whole process
+group when the caller is interrupted (a Prefect cancel arrives as an exception or a signal).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pretrain_pipeline.artifacts import (
+    RunPaths,
+    atomic_write_text,
+    fingerprint,
+    mark_stage_done,
+    project_state_dir,
+    read_json,
+    read_stage_record,
+    sha256_file,
+    stage_is_current,
+)
+from pretrain_pipeline.config import PipelineConfig, dump_config
+
+GRACE_SECONDS = 30.0
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    checkpoint_dir: str
+    last_tag: str | None
+    final_loss: float | None
+    steps: int
+    skipped: bool = False
+    tokens_seen: int = 0
+    wandb_run_id: str | None = None
+    wandb_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def train_fingerprint(cfg: PipelineConfig, paths: RunPaths) -> str:
+    manifest = paths.shards / "manifest.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} not found: run the shards stage first")
+    return fingerprint(cfg.model.model_dump(mode="json"), cfg.train.model_dump(mode="json"), sha256_file(manifest))
+
+
+def resolve_device(cfg: PipelineConfig) -> str:
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
+    tc = cfg.train
+    target = ["-m", "pretrain.train", "--run-dir", str(paths.root.resolve())]
+    if tc.launcher == "deepspeed":
+        launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+        # --module: the deepspeed launcher runs "python -m" on what follows.
+        return [launcher, "--num_nodes", str(tc.nnodes), "--num_gpus", str(tc.nproc_per_node),
+                "--module", "pretrain.train", "--run-dir", str(paths.root.resolve())]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tc.nproc_per_node)]
+    if tc.nnodes == 1:
+        cmd.insert(3, "--standalone")
+    else:  # multi-node: the rendezvous comes from the environment (Slurm/K8s scripts set it)
+        cmd += ["--nnodes", str(tc.nnodes), "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", os.environ.get("PRETRAIN_RDZV_ENDPOINT", "localhost:29500")]
+    return cmd + target
+
+
+def build_env(cfg: PipelineConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    if resolve_device(cfg) == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed compiles its CPU comm op on first use; keep the build where the next run finds it.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(project_state_dir() / "torch_extensions"))
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.train.nproc_per_node))
+    env["WANDB_MODE"] = cfg.tracking.wandb_mode
+    env["PYTHONUNBUFFERED"] = "1"
+    # The ranks import this package; make that work from any working directory.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def terminate(proc: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
+    """SIGTERM the launcher's process group (ranks save and exit), then SIGKILL after ``grace``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def run_streaming(cmd: list[str], env: dict[str, str], log_path: Path, log: Callable[[str], Any], cwd: Path) -> int:
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as logfile:
+        logfile.write("$ " + " ".join(cmd) + "\n")
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                tail.append(line)
+                logfile.write(line + "\n")
+                log(line)
+            rc = proc.wait()
+        except BaseException:
+            terminate(proc)
+            raise
+    if rc != 0:
+        raise TrainingFailed(
+            f"training exited with code {rc} (full log: {log_path}); last lines:\n" + "\n".join(tail)
+        )
+    return rc
+
+
+def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callable[[str], Any] = print) -> TrainResult:
+    fp = train_fingerprint(cfg, paths)
+    if not force and stage_is_current(paths.train, fp):
+        record = read_stage_record(paths.train) or {}
+        log(f"train: current (fingerprint {fp[:12]}), skipping")
+        return TrainResult(**{**record.get("result", {}), "skipped": True})
+    # The ranks read config.yaml; make sure it says what this call was given.
+    resolved = dump_config(cfg)
+    if not paths.config.exists() or paths.config.read_text() != resolved:
+        atomic_write_text(paths.config, resolved)
+    if cfg.train.resume == "never" and paths.checkpoints.exists():
+        # Set aside rather than delete: old tags would otherwise mix with (and be pruned as) new ones.
+        aside = paths.root / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        paths.checkpoints.rename(aside)
+        log(f"train: resume=never, previous checkpoints moved to {aside}")
+    paths.train.mkdir(parents=True, exist_ok=True)
+    env = build_env(cfg)
+    Path(env["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
+    cmd = build_command(cfg, paths)
+    log("train: " + " ".join(cmd))
+    run_streaming(cmd, env, paths.train / "launcher.log", log, cwd=Path(__file__).resolve().parent.parent)
+
+    summary = read_json(paths.train / "summary.json")
+    if not summary.get("completed"):
+        raise TrainingFailed(f"training stopped early at step {summary.get('steps')}; run again to resume")
+    result = TrainResult(
+        checkpoint_dir=str(paths.checkpoints),
+        last_tag=summary["last_checkpoint_tag"],
+        final_loss=summary["final_loss"],
+        steps=summary["steps"],
+        tokens_seen=summary["tokens_seen"],
+        wandb_run_id=summary.get("wandb_run_id"),
+        wandb_dir=summary.get("wandb_dir"),
+    )
+    mark_stage_done(paths.train, fp, {"result": result.to_dict(), "summary": summary})
+    return result

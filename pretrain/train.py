@@ -1,0 +1,269 @@
+"""One training rank: ``python -m torch.distributed.run ... -m pretrain.train --run-dir runs/<name>``.
+
+Started by ``pretrain.launch`` (torchrun or the deepspeed launcher), never by plain python: the
+rank, world size and rendezvous come from the launcher's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import latest_tag, load_client_state, prune_checkpoints, tag_for
+from pretrain.data import ShardDataset, load_manifest
+from pretrain.model import GPT, resolve_vocab_size
+from pretrain_pipeline.artifacts import RunPaths, atomic_write_json
+from pretrain_pipeline.config import PipelineConfig, load_config
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved and stopped early, not finished
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is visible")
+    return device
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; checked between steps so a checkpoint is never half-taken."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def all_mean(value: float, device: str) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def any_rank(flag: bool, device: str) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def validate(engine, val: ShardDataset, n_batches: int, device: str) -> float:
+    engine.eval()
+    total, count = 0.0, 0
+    for x, y in val.eval_batches(n_batches):
+        _, loss = engine(x.to(device), y.to(device))
+        total, count = total + float(loss), count + 1
+    engine.train()
+    return all_mean(total / max(count, 1), device)
+
+
+def run(cfg: PipelineConfig, paths: RunPaths) -> int:
+    import deepspeed
+
+    device = resolve_device(cfg.train.device)
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    tc = cfg.train
+    stop = StopFlag()
+
+    manifest = load_manifest(paths.shards)
+    vocab_size = resolve_vocab_size(cfg.model, manifest.vocab_size)
+    # Same seed on every rank for identical initial weights; per-rank seeds afterwards (dropout).
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model, vocab_size)
+    random.seed(tc.seed + rank)
+    np.random.seed(tc.seed + rank)
+    torch.manual_seed(tc.seed + rank)
+
+    # Only rank 0 re-hashes the shards; the others wait for its verdict instead of reading twice.
+    if rank == 0:
+        manifest.verify()
+    dist.barrier()
+    train_data = ShardDataset(manifest, "train", cfg.model.block_size, tc.micro_batch_size, rank, world, tc.seed, verify=False)
+    val_data = ShardDataset(manifest, "val", cfg.model.block_size, tc.micro_batch_size, rank, world, tc.seed, verify=False)
+
+    from pretrain.engine import build_engine
+
+    engine = build_engine(model, tc, world)
+    step, tokens_seen, wandb_id = 0, 0, None
+    last_loss = float("nan")
+    if tc.resume == "auto" and latest_tag(paths.checkpoints):
+        saved = load_client_state(paths.checkpoints).get("model_fingerprint")
+        if saved != cfg.model.fingerprint():
+            raise RuntimeError(
+                f"{paths.checkpoints} holds checkpoints of a different model config; "
+                "set train.resume: never (they are moved aside) or use another run name"
+            )
+        load_path, client = engine.load_checkpoint(str(paths.checkpoints), tag=latest_tag(paths.checkpoints))
+        if load_path is None:
+            raise RuntimeError(f"could not load checkpoint from {paths.checkpoints}")
+        state = client["pretrain"]
+        step, tokens_seen, wandb_id = state["step"], state["tokens_seen"], state.get("wandb_run_id")
+        last_loss = state.get("loss", float("nan"))
+        train_data.load_state_dict(state["data"])
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        if rank == 0:
+            print(f"[pretrain] resumed from {load_path} at step {step}", flush=True)
+
+    tracker = None
+    if rank == 0:
+        from pretrain.tracking import Tracker
+
+        tracker = Tracker(
+            cfg.tracking,
+            paths.root,
+            config_dict={**cfg.model_dump(mode="json"), "world_size": world, "params": model.num_params()},
+            resume_id=wandb_id,
+            run_name=cfg.runtime.run_name,
+        )
+        wandb_id = tracker.run_id
+        print(
+            f"[pretrain] {model.num_params():,} params, world {world}, device {device}, "
+            f"zero {tc.zero_stage}, {tc.precision}, steps {step}->{tc.max_steps}",
+            flush=True,
+        )
+
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.model.block_size * world
+    last_saved = -1
+
+    def save(at_step: int) -> str:
+        nonlocal last_saved
+        # RNG states differ per rank but only rank 0 writes client state, so gather them first.
+        rngs: list[Any] = [None] * world
+        dist.all_gather_object(rngs, rng_state())
+        tag = tag_for(at_step)
+        client = {
+            "pretrain": {
+                "step": at_step,
+                "tokens_seen": tokens_seen,
+                "data": train_data.state_dict(),
+                "rng": rngs,
+                "wandb_run_id": wandb_id,
+                "vocab_size": vocab_size,
+                "model_fingerprint": cfg.model.fingerprint(),
+                "loss": last_loss,
+            }
+        }
+        engine.save_checkpoint(str(paths.checkpoints), tag=tag, client_state=client)
+        dist.barrier()
+        if rank == 0:
+            prune_checkpoints(paths.checkpoints, tc.keep_last_checkpoints)
+        dist.barrier()
+        last_saved = at_step
+        return tag
+
+    engine.train()
+    t0, window_tokens = time.perf_counter(), 0
+    preempted = False
+    while step < tc.max_steps:
+        if any_rank(stop.requested, device):
+            preempted = True
+            break
+        lr = engine.set_lr(step)
+        loss_sum = 0.0
+        for _micro in range(tc.grad_accum_steps):
+            x, y = train_data.next_batch()
+            _, loss = engine(x.to(device), y.to(device))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed only updates weights at the accumulation boundary
+            loss_sum += float(loss.detach())
+        step += 1
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        last_loss = all_mean(loss_sum / tc.grad_accum_steps, device)
+
+        if step % tc.log_every == 0 or step == tc.max_steps or step == 1:
+            elapsed = time.perf_counter() - t0
+            metrics = {
+                "train/loss": last_loss,
+                "train/lr": lr,
+                "train/grad_norm": engine.grad_norm(),
+                "train/tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
+                "train/tokens_seen": tokens_seen,
+            }
+            if tracker:
+                tracker.log(metrics, step)
+                print(f"[pretrain] step {step} loss {last_loss:.4f} lr {lr:.2e}", flush=True)
+            t0, window_tokens = time.perf_counter(), 0
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            val_loss = validate(engine, val_data, tc.eval_batches, device)
+            if tracker:
+                tracker.log({"val/loss": val_loss}, step)
+                print(f"[pretrain] step {step} val_loss {val_loss:.4f}", flush=True)
+        if step % tc.checkpoint_every == 0 and step < tc.max_steps:
+            save(step)
+
+    if step > 0 and last_saved != step:
+        save(step)
+    tag = latest_tag(paths.checkpoints)
+    if rank == 0:
+        summary = {
+            "final_loss": last_loss,
+            "steps": step,
+            "max_steps": tc.max_steps,
+            "completed": not preempted,
+            "tokens_seen": tokens_seen,
+            "params": model.num_params(),
+            "flops_per_token": model.flops_per_token(),
+            "world_size": world,
+            "last_checkpoint_tag": tag,
+            "checkpoint_dir": str(paths.checkpoints),
+            "wandb_run_id": wandb_id,
+            "wandb_mode": cfg.tracking.wandb_mode,
+            "wandb_dir": tracker.offline_dir if tracker else None,
+        }
+        if tracker:
+            tracker.summary({"final_loss": last_loss, "tokens_seen": tokens_seen})
+            tracker.finish(exit_code=EXIT_PREEMPTED if preempted else 0)
+        atomic_write_json(paths.train / "summary.json", summary)
+    dist.barrier()
+    dist.destroy_process_group()
+    return EXIT_PREEMPTED if preempted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pretrain.train", description=__doc__)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    args = parser.parse_args(argv)
+    paths = RunPaths(args.run_dir.resolve())
+    cfg = load_config(paths.config)
+    return run(cfg, paths)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

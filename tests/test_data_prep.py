@@ -1,0 +1,278 @@
+"""Fast unit tests of data_prep: filters, readers, split, shard reading (no Ray)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_prep.clean import _check_accounting
+from data_prep.filters import (
+    GopherQuality,
+    GopherRepetition,
+    DocStats,
+    UnicodeRepair,
+    clean_batch,
+    normalize_whitespace,
+    text_hash,
+    truncate,
+)
+from data_prep.readers import expand_inputs, read_file
+from data_prep.sample_corpus import build_sample_corpus
+from data_prep.shards import assign_splits, read_shard_tokens, split_hash
+from data_prep.tokenizer import sample_lines, split_long_line
+from pretrain_pipeline.config import DataConfig
+
+PROSE = "The quick brown fox jumps over the lazy dog while the farmer watches from his porch."
+
+
+def quality(text: str, **kw) -> str | None:
+    return GopherQuality(**{"min_words": 5, **kw})(text, DocStats.of(text))
+
+
+# --------------------------------------------------------------------------------------------
+# Filters
+
+
+def test_gopher_quality_keeps_prose() -> None:
+    assert quality(PROSE) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("too short here", "gopher_quality:too_few_words"),
+        ("a b c d e f g h i j k", "gopher_quality:short_mean_word_length"),
+        ("supercalifragilistic " * 10, "gopher_quality:long_mean_word_length"),
+        ("# heading # more # words # here # again # and # this", "gopher_quality:symbol_ratio"),
+        ("1234 5678 9012 3456 7890 1111 2222 word", "gopher_quality:low_alpha_fraction"),
+    ],
+)
+def test_gopher_quality_reasons(text: str, reason: str) -> None:
+    assert quality(text) == reason
+
+
+def test_gopher_quality_max_words() -> None:
+    assert quality(PROSE, max_words=5) == "gopher_quality:too_many_words"
+
+
+def test_gopher_repetition() -> None:
+    f = GopherRepetition(0.3)
+    boiler = "\n".join(["Home | About | Contact"] * 5 + [PROSE])
+    assert f(boiler, DocStats.of(boiler)) == "gopher_repetition:duplicate_lines"
+    varied = "\n".join(f"{PROSE} {i}" for i in range(5))
+    assert f(varied, DocStats.of(varied)) is None
+
+
+def test_unicode_repair_fixes_mojibake_without_nfkc() -> None:
+    repair = UnicodeRepair()
+    assert repair("cafÃ© au lait") == "café au lait"
+    # NFKC would turn the ligature into "fi" and x² into x2; we keep what was written.
+    assert repair("ﬁne x²") == "ﬁne x²"
+
+
+def test_normalize_whitespace_keeps_indentation() -> None:
+    text = "\ufeffline one\r\n    indented\u00a0word  \r\n\n\n\n\nend\x07\u200b"
+    assert normalize_whitespace(text) == "line one\n    indented word\n\nend"
+
+
+def test_truncate_cuts_at_space() -> None:
+    text = "word " * 1000
+    out = truncate(text, 1001)
+    assert len(out) <= 1001 and out.endswith("word")
+    assert truncate("short", 1000) == "short"
+
+
+def test_text_hash_normalises_case_and_space() -> None:
+    assert text_hash("Hello   World\n") == text_hash("hello world")
+    assert text_hash("STRASSE") == text_hash("straße")
+    assert text_hash("hello world") != text_hash("hello word")
+
+
+def _rows(texts: list[str]) -> dict[str, list]:
+    n = len(texts)
+    return {
+        "id": [str(i) for i in range(n)],
+        "text": texts,
+        "source": ["f"] * n,
+        "line": list(range(1, n + 1)),
+        "quarantine": [None] * n,
+        "excerpt": [None] * n,
+    }
+
+
+def test_clean_batch_dict_and_frame_agree() -> None:
+    cfg = DataConfig(max_chars=1000)
+    texts = ["Le cafÃ© est trÃ¨s bon et nous aimons beaucoup ce petit endroit.", "tiny", PROSE * 100]
+    out = clean_batch(_rows(texts), cfg)
+    frame = clean_batch(pd.DataFrame(_rows(texts)), cfg)
+    assert isinstance(frame, pd.DataFrame)
+    assert out["text"][0].startswith("Le café est très bon")
+    assert out["drop_reason"] == [None, "gopher_quality:too_few_words", None]
+    assert len(out["text"][2]) <= 1000
+    assert out["n_words"][0] == 12
+    assert list(frame["drop_reason"].where(frame["drop_reason"].notna(), None)) == out["drop_reason"]
+    assert list(frame["text_hash"]) == out["text_hash"]
+
+
+def test_clean_batch_passes_quarantine_rows_through() -> None:
+    rows = _rows([PROSE, ""])
+    rows["quarantine"][1] = "bad_json"
+    out = clean_batch(rows, DataConfig())
+    assert out["drop_reason"] == [None, None]
+    assert out["text_hash"][1] == ""
+
+
+def test_accounting_check_raises() -> None:
+    _check_accounting(10, 5, {"a": 3}, 2)
+    with pytest.raises(RuntimeError, match="accounting"):
+        _check_accounting(10, 5, {"a": 3}, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+
+
+def _jsonl_bytes(records: list) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def test_jsonl_malformed_lines_are_quarantined(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    lines = [
+        b'\xef\xbb\xbf{"id": "d1", "text": "first doc"}\r\n',  # BOM + CRLF
+        b"{not json}\n",
+        b'{"id": "d3", "text": "bad \xff\xfe bytes"}\n',
+        b'{"id": "d4", "text": "nul \\u0000 inside"}\n',
+        b'{"id": "d5"}\n',
+        b'{"id": "d6", "text": 42}\n',
+        b"\n",  # blank: not a document, not an error
+        b'["a", "list"]\n',
+        b'{"text": "no id here"}\n',
+    ]
+    path.write_bytes(b"".join(lines))
+    rows = list(read_file(path))
+    docs = [r for r in rows if r["quarantine"] is None]
+    bad = {r["line"]: r["quarantine"] for r in rows if r["quarantine"]}
+    assert [d["text"] for d in docs] == ["first doc", "no id here"]
+    assert docs[0]["id"] == "d1" and docs[0]["line"] == 1
+    assert docs[1]["id"] == f"{path}:9"
+    assert bad == {2: "bad_json", 3: "invalid_utf8", 4: "nul_byte", 5: "missing_text", 6: "text_not_string", 8: "not_an_object"}
+    assert all(r["source"] == str(path) for r in rows)
+    assert "{not json}" in next(r["excerpt"] for r in rows if r["line"] == 2)
+
+
+def test_compressed_jsonl(tmp_path: Path) -> None:
+    records = [{"id": str(i), "text": f"document number {i}"} for i in range(3)]
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes(records)))
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl_bytes(records)))
+    for name in ("a.jsonl.gz", "b.jsonl.zst"):
+        assert [r["text"] for r in read_file(tmp_path / name)] == [r["text"] for r in records]
+
+
+def test_truncated_gzip_quarantines_the_rest(tmp_path: Path) -> None:
+    data = gzip.compress(_jsonl_bytes([{"text": f"doc {i} " * 50} for i in range(200)]))
+    path = tmp_path / "t.jsonl.gz"
+    path.write_bytes(data[: len(data) // 2])
+    rows = list(read_file(path))
+    assert rows[-1]["quarantine"].startswith("read_error") or rows[-1]["quarantine"] == "bad_json"
+    assert any(r["quarantine"] is None for r in rows)
+
+
+def test_parquet_and_txt(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"id": ["p1", "p2", "p3"], "text": ["alpha beta", None, "gamma"]}), tmp_path / "d.parquet")
+    (tmp_path / "e.txt").write_bytes("\ufeffwhole file\r\nis one doc".encode("utf-8"))
+    rows = list(read_file(tmp_path / "d.parquet"))
+    assert [(r["id"], r["line"], r["quarantine"]) for r in rows] == [("p1", 1, None), ("", 2, "missing_text"), ("p3", 3, None)]
+    (txt,) = read_file(tmp_path / "e.txt")
+    assert txt["text"] == "whole file\nis one doc" and txt["id"] == f"{tmp_path / 'e.txt'}:1"
+
+
+def test_expand_inputs(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    for name in ("b.jsonl", "a.txt", "sub/c.parquet", "skip.csv"):
+        (tmp_path / name).write_text("x")
+    found = expand_inputs([str(tmp_path)])
+    assert [p.name for p in found] == ["a.txt", "b.jsonl", "c.parquet"]
+    assert expand_inputs([str(tmp_path / "*.jsonl"), str(tmp_path / "b.jsonl")]) == [(tmp_path / "b.jsonl").resolve()]
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        expand_inputs([str(tmp_path / "nothing-here*.jsonl")])
+    with pytest.raises(ValueError, match="unsupported"):
+        expand_inputs([str(tmp_path / "skip.csv")])
+
+
+# --------------------------------------------------------------------------------------------
+# Sample corpus
+
+
+def test_sample_corpus_is_deterministic_with_duplicates(tmp_path: Path) -> None:
+    n = build_sample_corpus(tmp_path / "a.jsonl", 200, seed=3)
+    build_sample_corpus(tmp_path / "b.jsonl", 200, seed=3)
+    assert n == 200
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert len(records) == n
+    hashes = [text_hash(r["text"]) for r in records]
+    assert len(set(hashes)) < len(hashes)
+    assert len({r["id"] for r in records}) == n
+
+
+# --------------------------------------------------------------------------------------------
+# Split, tokenizer sample, shard reading
+
+
+def test_assign_splits_is_stable_and_never_empty() -> None:
+    ids = [f"doc-{i}" for i in range(2000)]
+    splits = assign_splits(ids, 1234, 0.1)
+    assert splits == assign_splits(ids, 1234, 0.1)
+    assert 120 < splits.count("val") < 280
+    # Adding documents does not move existing ones.
+    assert assign_splits(ids + ["new"], 1234, 0.1)[:-1] == splits
+    assert assign_splits(ids, 99, 0.1) != splits
+    two = assign_splits(["a", "b"], 0, 1e-9)
+    assert sorted(two) == ["train", "val"]
+    assert two[["a", "b"].index(min(["a", "b"], key=lambda i: split_hash(i, 0)))] == "val"
+    assert assign_splits(["a", "b"], 0, 0.0) == ["train", "train"]
+    assert assign_splits(["a", "b", "c"], 0, 0.999999).count("train") == 1
+
+
+def test_split_long_line_respects_bytes() -> None:
+    line = "é" * 100 + "a" * 100
+    pieces = split_long_line(line, 64)
+    assert "".join(pieces) == line
+    assert all(len(p.encode()) <= 64 for p in pieces)
+
+
+def test_sample_lines_bounded_seeded_ordered() -> None:
+    texts = [f"line {i}\n\nother {i}" for i in range(500)]
+    a = sample_lines(iter(texts), 100, 1000, seed=1)
+    assert len(a) == 100 and a == sample_lines(iter(texts), 100, 1000, seed=1)
+    assert a != sample_lines(iter(texts), 100, 1000, seed=2)
+    order = [int(s.split()[1]) for s in a]
+    assert order == sorted(order)
+
+
+def _write_stream(path: Path, docs: list[list[int]], batches: int) -> None:
+    arr = pa.array(docs, type=pa.list_(pa.uint16()))
+    table = pa.table({"input_ids": arr, "id": [str(i) for i in range(len(docs))]})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        step = -(-len(docs) // batches)
+        for b in table.to_batches(max_chunksize=step):
+            w.write_batch(b)
+
+
+@pytest.mark.parametrize("batches", [1, 2])
+def test_read_shard_tokens(tmp_path: Path, batches: int) -> None:
+    docs = [[5, 6, 2], [7, 2], [8, 9, 10, 2]]
+    _write_stream(tmp_path / "s.arrow", docs, batches)
+    tokens, offsets = read_shard_tokens(tmp_path / "s.arrow")
+    assert tokens.dtype == np.uint16
+    assert list(offsets) == [0, 3, 5, 9]
+    assert [list(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])] == docs

@@ -1,0 +1,292 @@
+"""Fast tests of pretrain/: model, loader, schedule, checksums, export mapping. No launcher."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.checkpoint import latest_tag, list_tags, prune_checkpoints
+from pretrain.data import DataIntegrityError, ShardDataset, TokenStream, load_manifest
+from pretrain.engine import deepspeed_config, lr_at, param_groups
+from pretrain.model import GPT
+from pretrain.synthetic import make_synthetic_run
+from pretrain_pipeline.config import ModelConfig, TrainConfig
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 16, **kw})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    make_synthetic_run(root, n_train_docs=300, n_val_docs=40)
+    return root
+
+
+# ---------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"bias": False, "tie_embeddings": False}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}],
+)
+def test_forward_shapes_loss_and_causality(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant), vocab_size=100).eval()
+    idx = torch.randint(0, 100, (3, 16))
+    logits, loss = model(idx, torch.randint(0, 100, (3, 16)))
+    assert logits.shape == (3, 16, 100)
+    assert abs(loss.item() - math.log(100)) < 0.3  # init predicts ~uniformly
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 100
+    assert torch.allclose(model(changed)[0][:, :10], logits[:, :10], atol=1e-6)
+    assert not torch.allclose(model(changed)[0][:, 10:], logits[:, 10:])
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("variant", [{}, {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu"}])
+def test_model_learns_a_batch(variant):
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant), vocab_size=50)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 50, (4, 17))
+    first = None
+    for _ in range(30):
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first - 1.0
+
+
+def test_param_count_formula_and_flops():
+    d, L, V, T = 32, 2, 100, 16
+    model = GPT(tiny(), vocab_size=V)
+    per_layer = 12 * d * d + 13 * d  # qkv+proj+mlp weights and biases, two layernorms
+    assert model.num_params() == V * d + L * per_layer + 2 * d
+    assert model.num_params(non_embedding=False) == model.num_params() + T * d
+    untied = GPT(tiny(tie_embeddings=False), vocab_size=V)
+    assert untied.num_params() == model.num_params() + V * d
+    assert model.flops_per_token() == 6 * model.num_params() + 12 * L * d * T
+
+
+def test_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=8, n_head=4, n_embd=128, block_size=16), vocab_size=64)
+    std_proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    std_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(std_fc - 0.02) < 0.002
+    assert abs(std_proj - 0.02 / math.sqrt(16)) < 0.001
+
+
+def test_generate_greedy_is_deterministic_and_sampling_uses_generator():
+    torch.manual_seed(0)
+    model = GPT(tiny(), vocab_size=60).eval()
+    prompt = torch.tensor([[5, 6, 7]])
+    a = model.generate(prompt, 20, temperature=0)
+    b = model.generate(prompt, 20, temperature=0)
+    assert a.shape == (1, 23) and torch.equal(a, b)
+    s1 = model.generate(prompt, 20, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(1))
+    s2 = model.generate(prompt, 20, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(s1, s2)
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def test_lr_schedule():
+    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    lrs = [lr_at(s, tc) for s in range(110)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lr_at(110, tc) == pytest.approx(1e-4) and lr_at(500, tc) == pytest.approx(1e-4)
+    assert lr_at(60, tc) == pytest.approx(5.5e-4)  # halfway down the cosine
+    assert lr_at(50, TrainConfig(lr=1e-3, warmup_steps=0, lr_schedule="constant")) == 1e-3
+
+
+def test_weight_decay_groups():
+    model = GPT(tiny(), vocab_size=100)
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert any(p is model.transformer.wte.weight for p in no_decay["params"])
+    n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
+    assert n == model.num_params(non_embedding=False)  # tied weight counted once
+
+
+def test_deepspeed_config():
+    tc = TrainConfig(zero_stage=3, offload_optimizer=True, offload_param=True, precision="bf16",
+                     micro_batch_size=4, grad_accum_steps=3, grad_clip=0.5)
+    ds = deepspeed_config(tc, world_size=2)
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] and "fp16" not in ds
+    assert ds["zero_force_ds_cpu_optimizer"] is False and ds["gradient_clipping"] == 0.5
+    assert "bf16" not in deepspeed_config(TrainConfig(), 1)
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_batches_are_shifted_windows(run_dir):
+    ds = ShardDataset(run_dir / "shards", "train", block_size=16, micro_batch_size=4, seed=3)
+    idx = ds.sample_indices().copy()
+    x, y = ds.next_batch()
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    flat = np.concatenate([ds.stream.parts[0], ds.stream.parts[1]])
+    assert np.array_equal(x[0].numpy(), flat[idx[0] * 16 : idx[0] * 16 + 16])
+
+
+def test_token_stream_spans_shards(run_dir):
+    m = load_manifest(run_dir / "shards")
+    stream = TokenStream(m.shard_paths("train"))
+    flat = np.concatenate(stream.parts)
+    cut = len(stream.parts[0])
+    assert np.array_equal(stream.slice(cut - 5, cut + 7), flat[cut - 5 : cut + 7])
+    assert len(stream) == sum(e["tokens"] for e in m.shard_entries("train"))
+    with pytest.raises(IndexError):
+        stream.slice(len(stream) - 2, len(stream) + 1)
+
+
+def test_loader_deterministic_disjoint_and_resumable(run_dir):
+    def make(rank=0, world=1, seed=5):
+        return ShardDataset(run_dir / "shards", "train", 16, 4, rank=rank, world_size=world, seed=seed, verify=False)
+
+    a, b = make(), make()
+    assert all(torch.equal(a.next_batch()[0], b.next_batch()[0]) for _ in range(5))
+    assert not torch.equal(make(seed=6).next_batch()[0], make(seed=5).next_batch()[0])
+
+    ranks = [make(r, 3) for r in range(3)]
+    seen = [set(r._rank_order().tolist()) for r in ranks]
+    assert all(len(s) == ranks[0].samples_per_rank for s in seen)
+    assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
+
+    # Resume mid-epoch and across an epoch boundary.
+    for warm in (3, ranks[0].samples_per_rank // 4 + 2):
+        first = make(1, 2)
+        for _ in range(warm):
+            first.next_batch()
+        state = json.loads(json.dumps(first.state_dict()))
+        expected = [first.next_batch()[0] for _ in range(first.samples_per_rank // 4 + 3)]
+        resumed = make(1, 2)
+        resumed.load_state_dict(state)
+        got = [resumed.next_batch()[0] for _ in range(len(expected))]
+        assert all(torch.equal(e, g) for e, g in zip(expected, got))
+    assert first.epoch >= 1  # the walk did cross an epoch
+    with pytest.raises(ValueError, match="world_size"):
+        make(0, 3).load_state_dict(state)
+
+
+def test_epochs_reshuffle(run_dir):
+    ds = ShardDataset(run_dir / "shards", "train", 16, 4, seed=0, verify=False)
+    e0 = ds._rank_order().copy()
+    for _ in range(ds.samples_per_rank // 4 + 1):
+        ds.next_batch()
+    assert ds.epoch == 1 and not np.array_equal(ds._rank_order(), e0)
+
+
+def test_too_little_data_is_refused(run_dir):
+    with pytest.raises(ValueError, match="need at least"):
+        ShardDataset(run_dir / "shards", "val", block_size=2048, micro_batch_size=8, verify=False)
+
+
+def test_checksum_mismatch_is_refused(tmp_path):
+    make_synthetic_run(tmp_path, n_train_docs=60, n_val_docs=10)
+    ShardDataset(tmp_path / "shards", "train", 16, 2)  # intact: accepted
+    shard = tmp_path / "shards" / "train-00001.arrow"
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataIntegrityError, match="train-00001.arrow"):
+        ShardDataset(tmp_path / "shards", "train", 16, 2)
+    ShardDataset(tmp_path / "shards", "val", 16, 2)  # val shards are still fine
+    tok = tmp_path / "tokenizer" / "tokenizer.model"
+    tok.write_bytes(tok.read_bytes() + b"\0")
+    with pytest.raises(DataIntegrityError, match="tokenizer"):
+        ShardDataset(tmp_path / "shards", "val", 16, 2)
+
+
+# ---------------------------------------------------------------- eval, checkpoints, export pieces
+
+
+def test_bits_per_byte_counts_the_text_bytes(run_dir):
+    import sentencepiece as spm
+
+    from pretrain.evaluate import scored_bytes, token_byte_lengths
+
+    m = load_manifest(run_dir / "shards")
+    sp = spm.SentencePieceProcessor(model_file=str(m.tokenizer_path))
+    tokens = np.concatenate(TokenStream(m.shard_paths("val")).parts).astype(np.int64)
+    prev = np.concatenate([[m.eos_id], tokens[:-1]])
+    counted = scored_bytes(tokens, prev, token_byte_lengths(sp), m.eos_id, sp)
+    assert counted == sum(e["text_bytes"] for e in m.shard_entries("val"))
+
+
+def test_prune_keeps_newest(tmp_path):
+    for step in (5, 10, 15, 20):
+        (tmp_path / f"step_{step:06d}").mkdir()
+    (tmp_path / "latest").write_text("step_000020")
+    assert prune_checkpoints(tmp_path, keep=2) == ["step_000005", "step_000010"]
+    assert list_tags(tmp_path) == ["step_000015", "step_000020"]
+    assert latest_tag(tmp_path) == "step_000020"
+
+
+@pytest.mark.parametrize("variant", [{}, {"bias": False, "tie_embeddings": False}])
+def test_gpt2_mapping_reproduces_logits(tmp_path, variant):
+    from transformers import GPT2LMHeadModel
+
+    from pretrain.export import gpt2_config, to_gpt2_state_dict, verify_export
+
+    torch.manual_seed(0)
+    model = GPT(tiny(**variant), vocab_size=80).eval()
+    hf = GPT2LMHeadModel(gpt2_config(model, 1, 2, 3))
+    hf.load_state_dict(to_gpt2_state_dict(model), strict=False)
+    hf.tie_weights()
+    hf.save_pretrained(tmp_path / "ok")
+    sample = torch.randint(0, 80, (2, 16))
+    assert verify_export(tmp_path / "ok", model, sample) < 1e-4
+    # A mapping that forgets the Conv1D transpose (square here, so it loads) must be caught.
+    bad = to_gpt2_state_dict(model)
+    bad["transformer.h.0.attn.c_proj.weight"] = model.transformer.h[0].attn.c_proj.weight.detach().clone()
+    hf.load_state_dict(bad, strict=False)
+    hf.save_pretrained(tmp_path / "bad")
+    with pytest.raises(RuntimeError, match="disagrees"):
+        verify_export(tmp_path / "bad", model, sample)
+
+
+def test_export_refuses_non_gpt2_models():
+    from pretrain.export import check_gpt2_compatible
+
+    check_gpt2_compatible(tiny())
+    with pytest.raises(NotImplementedError, match="rope"):
+        check_gpt2_compatible(tiny(position="rope"))
+
+
+def test_hf_tokenizer_matches_sentencepiece(run_dir, tmp_path):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from pretrain.export import build_hf_tokenizer
+    from pretrain.synthetic import synthetic_documents
+
+    path = run_dir / "tokenizer" / "tokenizer.model"
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    build_hf_tokenizer(path, "<s>", "</s>", "<unk>", "<pad>").save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    lines = synthetic_documents(20, seed=99) + [
+        "", "  two  spaces  ", "trailing ", " lead", "a\nb \n c", "tabs\tand ünïcödé 日本語 123!", "x" * 50,
+    ]
+    for line in lines:
+        assert tok.encode(line, add_special_tokens=True) == sp.encode(line), line
+        assert tok.decode(sp.encode(line)) == sp.decode(sp.encode(line))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3)
