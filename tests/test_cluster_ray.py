@@ -1,0 +1,133 @@
+"""Multi-node data prep, proven on one machine: a Ray head and a separate worker node (two
+`ray start` processes with their own resources), the clean and tokenize stages run against that
+cluster's address, tasks land on both nodes, and the outputs equal a single-node run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(tmp_path: Path, run_name: str) -> Path:
+    corpus = tmp_path / "corpus.jsonl"
+    if not corpus.exists():
+        from data_prep.sample_corpus import build_sample_corpus
+
+        build_sample_corpus(corpus, max_docs=600)
+    cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    # Both runs read the same file, so recorded sources (paths) are equal too.
+    cfg["data"].update(sample_corpus=False, inputs=[str(corpus)])
+    cfg["data"]["documents_per_shard"] = 200  # several parts, so several encoder tasks
+    cfg["tokenizer"].update(vocab_size=400, input_sentence_size=20000)
+    cfg["runtime"] = {"run_name": run_name, "runs_root": str(tmp_path / "runs")}
+    path = tmp_path / f"{run_name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _stage(args: list[str], tmp_path: Path, env: dict[str, str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain_pipeline.cli", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(proc.stdout[proc.stdout.index("{\n"):])
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    # Ray's unix socket paths must stay short, hence a short temp dir of our own.
+    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
+    gcs_port, dash_port = _free_port(), _free_port()
+    # Ray 2.60 heads require a cluster token; every node and driver must present the same one.
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    saved = {k: os.environ.get(k) for k in auth}
+    os.environ.update(auth)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    head = [
+        RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+        "--num-cpus", "1", "--resources", '{"head_node": 1}', "--temp-dir", temp_dir,
+        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+        "--disable-usage-stats",
+    ]
+    worker = [
+        RAY, "start", "--address", f"127.0.0.1:{gcs_port}", "--node-ip-address", "127.0.0.1",
+        "--num-cpus", "1", "--resources", '{"worker_node": 1}', "--disable-usage-stats",
+    ]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
+        import ray
+
+        ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
+        deadline = time.time() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
+            time.sleep(1)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, "worker node did not join"
+        ray.shutdown()
+        yield f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_data_stages_on_two_nodes_equal_single_node(two_node_cluster, tmp_path):
+    address, dashboard = two_node_cluster
+    env = {
+        **os.environ,
+        "PRETRAIN_PIPELINE_STATE": str(tmp_path / "state"),
+        "PRETRAIN_PIPELINE_QUIET": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+
+    cluster_cfg = _config(tmp_path, "cluster")
+    for stage in ("clean", "tokenize"):
+        _stage([stage, "--config", str(cluster_cfg), "--ray-address", address], tmp_path, env)
+
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(address=dashboard, filters=[("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
+    nodes_used = {t.node_id for t in tasks if t.node_id}
+    assert len(nodes_used) == 2, f"tasks ran on {len(nodes_used)} node(s), expected both"
+
+    single_cfg = _config(tmp_path, "single")
+    for stage in ("clean", "tokenize"):
+        _stage([stage, "--config", str(single_cfg), "--set", "runtime.num_cpus=2"], tmp_path, env)
+
+    cluster, single = tmp_path / "runs" / "cluster", tmp_path / "runs" / "single"
+    parts = sorted(p.name for p in (single / "clean").glob("part-*.parquet"))
+    assert parts and parts == sorted(p.name for p in (cluster / "clean").glob("part-*.parquet"))
+    for name in parts + ["dropped.parquet"]:
+        assert (cluster / "clean" / name).read_bytes() == (single / "clean" / name).read_bytes(), name
+    assert (cluster / "tokenizer" / "tokenizer.model").read_bytes() == (single / "tokenizer" / "tokenizer.model").read_bytes()
+    m_cluster = json.loads((cluster / "shards" / "manifest.json").read_text())
+    m_single = json.loads((single / "shards" / "manifest.json").read_text())
+    assert m_cluster["splits"] == m_single["splits"], "shards differ between cluster and single node"
