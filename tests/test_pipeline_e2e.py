@@ -29,9 +29,14 @@ def _tiny_config(tmp_path: Path) -> Path:
     return path
 
 
+FAKE_WANDB_KEY = "local-0123456789abcdef0123456789abcdef01234567"
+
+
 def _run_cli(args, tmp_path):
     env = {
         **os.environ,
+        # Planted secret: it must never reach any file the run writes (checked below).
+        "WANDB_API_KEY": FAKE_WANDB_KEY,
         "PRETRAIN_PIPELINE_STATE": str(tmp_path / "state"),
         "PREFECT_HOME": str(tmp_path / "state" / "prefect"),
         "PRETRAIN_PIPELINE_QUIET": "1",
@@ -101,3 +106,15 @@ def test_rerun_skips_every_stage(pipeline_run):
     assert second["train"]["skipped"]
     assert second["evaluate"]["skipped"]
     assert second["export"]["skipped"]
+
+
+def test_no_secret_in_any_run_file_or_prefect_database(pipeline_run):
+    tmp_path, _, _ = pipeline_run
+    leaked = [
+        str(p) for p in tmp_path.rglob("*")
+        if p.is_file() and FAKE_WANDB_KEY.encode() in p.read_bytes()
+    ]
+    assert not leaked, f"WANDB_API_KEY written to: {leaked}"
+    # The scan must have covered the run's outputs and Prefect's database (artifacts, logs).
+    assert (tmp_path / "runs" / "e2e" / "config.yaml").exists()
+    assert list((tmp_path / "state" / "prefect").rglob("*.db"))
