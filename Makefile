@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev,onnx]'
+	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev,onnx,eval]'
 	touch $(STAMP)
 
 smoke: $(STAMP)

@@ -7,6 +7,7 @@ non-overlapping, so numbers from different runs with the same data are comparabl
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.checkpoint import latest_tag, load_consolidated_state_dict
+from pretrain.checkpoint import TAG_RE, latest_tag, load_consolidated_state_dict
 from pretrain.data import Manifest, TokenStream, load_manifest
 from pretrain.model import GPT, resolve_vocab_size
 from pretrain_pipeline.artifacts import (
@@ -24,6 +25,7 @@ from pretrain_pipeline.artifacts import (
     mark_stage_done,
     read_json,
     read_stage_record,
+    sha256_file,
     stage_is_current,
 )
 from pretrain_pipeline.config import PipelineConfig
@@ -39,6 +41,8 @@ class EvalResult:
     checkpoint_tag: str
     samples: list[dict[str, str]] = field(default_factory=list)
     eval_path: str = ""
+    checkpoint_sha256: str = ""
+    wandb: str | None = None
     skipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,6 +63,38 @@ def load_model(cfg: PipelineConfig, paths: RunPaths, tag: str | None = None) -> 
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {tag} does not fit the model config: missing {missing}, unexpected {unexpected}")
     return model.eval(), tag, manifest
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Hash of the weights themselves (names, dtypes, shapes, bytes): the same for any ZeRO stage
+    or world size that wrote them, unlike a hash of the checkpoint files."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def log_to_wandb(cfg: PipelineConfig, paths: RunPaths, result: "EvalResult", step: int) -> str | None:
+    """Eval results into the training run's W&B run (resumed by id), offline unless configured."""
+    from pretrain.tracking import Tracker
+
+    if not cfg.eval.wandb or cfg.tracking.wandb_mode == "disabled":
+        return None
+    summary_path = paths.train / "summary.json"
+    run_id = read_json(summary_path).get("wandb_run_id") if summary_path.exists() else None
+    tracker = Tracker(cfg.tracking, paths.eval, {"eval": cfg.eval.model_dump(mode="json")}, resume_id=run_id,
+                      run_name=cfg.runtime.run_name)
+    try:
+        metrics = {"eval/loss": result.loss, "eval/perplexity": result.perplexity,
+                   "eval/bits_per_byte": result.bits_per_byte, "eval/tokens": result.tokens}
+        tracker.log(metrics, step=step)
+        tracker.summary({**metrics, "eval/checkpoint_tag": result.checkpoint_tag,
+                         **{f"eval/sample_{i}": s["prompt"] + s["completion"] for i, s in enumerate(result.samples)}})
+        return tracker.offline_dir or tracker.run_id
+    finally:
+        tracker.finish()
 
 
 def token_byte_lengths(sp) -> np.ndarray:
@@ -146,17 +182,24 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalR
     result = EvalResult(
         loss=metrics["loss"], perplexity=metrics["perplexity"], bits_per_byte=metrics["bits_per_byte"],
         tokens=int(metrics["tokens"]), bytes=int(metrics["bytes"]), checkpoint_tag=tag, samples=samples,
-        eval_path=str(paths.eval / "eval.json"),
+        eval_path=str(paths.eval / "eval.json"), checkpoint_sha256=weights_sha256(model),
     )
+    step_match = TAG_RE.match(tag)
+    result.wandb = log_to_wandb(cfg, paths, result, int(step_match.group(1)) if step_match else 0)
     atomic_write_json(
         paths.eval / "eval.json",
         {
             "result": result.to_dict(),
             "checkpoint_tag": tag,
+            "checkpoint_sha256": result.checkpoint_sha256,
+            "config_sha256": cfg.fingerprint(),
+            "eval_config_sha256": cfg.eval.fingerprint(),
             "fingerprint": fp,
             "train_fingerprint": train_record.get("fingerprint"),
             "model_config_fingerprint": cfg.model.fingerprint(),
             "manifest": str(manifest.path),
+            "manifest_sha256": sha256_file(manifest.path),
+            "tokenizer_sha256": manifest.raw.get("tokenizer_sha256"),
             "bits_per_byte_method": "UTF-8 bytes of the scored target pieces (byte tokens count 1, "
             "control tokens 0, the dummy-prefix space at each document start excluded)",
         },

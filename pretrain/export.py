@@ -1,8 +1,8 @@
-"""The trained model as a Hugging Face model folder: safetensors, tokenizer, model card.
+"""The trained model as a Hugging Face model folder: safetensors, tokenizer, model card, ONNX.
 
-GPT-2 family only for now (learned positions, LayerNorm, GELU MLP): our module names are GPT-2's,
-so the mapping is a transpose of the linear weights (HF GPT-2 uses Conv1D, ``x @ W``). The
-export is reloaded with ``AutoModelForCausalLM`` and must reproduce our logits before it is kept.
+The architecture (GPT-2 or Llama family) follows the model config (``pretrain/hf_convert.py``).
+The export is reloaded with ``AutoModelForCausalLM`` and must reproduce our logits before it is
+kept; the ONNX graph must reproduce the HF logits under onnxruntime.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from pretrain.evaluate import load_model
-from pretrain.model import NORM_EPS, GPT
+from pretrain.hf_convert import hf_family, to_hf_model
+from pretrain.model import GPT
 from pretrain_pipeline import __version__
 from pretrain_pipeline.artifacts import (
     RunPaths,
@@ -28,10 +29,9 @@ from pretrain_pipeline.artifacts import (
     sha256_file,
     stage_is_current,
 )
-from pretrain_pipeline.config import ModelConfig, PipelineConfig
+from pretrain_pipeline.config import PipelineConfig
 
 LOGITS_ATOL = 1e-4
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass
@@ -40,65 +40,13 @@ class ExportResult:
     checkpoint_tag: str
     max_abs_logit_diff: float
     params: int
+    family: str = ""
+    onnx_path: str | None = None
+    onnx_max_abs_logit_diff: float | None = None
     skipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def check_gpt2_compatible(cfg: ModelConfig) -> None:
-    unsupported = {
-        "position": (cfg.position, "learned"),
-        "norm": (cfg.norm, "layernorm"),
-        "mlp": (cfg.mlp, "gelu"),
-    }
-    bad = {k: v for k, (v, want) in unsupported.items() if v != want}
-    if bad:
-        raise NotImplementedError(
-            f"Hugging Face export supports the GPT-2 family only (learned positions, layernorm, gelu); "
-            f"this model has {bad}. A Llama mapping for rope/rmsnorm/swiglu is not written yet."
-        )
-
-
-def gpt2_config(model: GPT, bos_id: int, eos_id: int, pad_id: int):
-    from transformers import GPT2Config
-
-    c = model.config
-    return GPT2Config(
-        vocab_size=model.vocab_size,
-        n_positions=c.block_size,
-        n_embd=c.n_embd,
-        n_layer=c.n_layer,
-        n_head=c.n_head,
-        n_inner=4 * c.n_embd,
-        activation_function="gelu",  # exact erf GELU, as F.gelu in our MLP
-        resid_pdrop=c.dropout,
-        embd_pdrop=c.dropout,
-        attn_pdrop=c.dropout,
-        layer_norm_epsilon=NORM_EPS,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        tie_word_embeddings=c.tie_embeddings,
-    )
-
-
-def to_gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights under GPT-2's names; missing biases (``bias: false``) become zeros."""
-    c = model.config
-    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in ours.items():
-        out[key] = value.t().contiguous() if key.endswith(CONV1D) else value.clone()
-    zeros = {"ln_1.bias": c.n_embd, "ln_2.bias": c.n_embd, "attn.c_attn.bias": 3 * c.n_embd,
-             "attn.c_proj.bias": c.n_embd, "mlp.c_fc.bias": 4 * c.n_embd, "mlp.c_proj.bias": c.n_embd}
-    for i in range(c.n_layer):
-        for name, size in zeros.items():
-            out.setdefault(f"transformer.h.{i}.{name}", torch.zeros(size))
-    out.setdefault("transformer.ln_f.bias", torch.zeros(c.n_embd))
-    if c.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
 
 
 def build_hf_tokenizer(spm_path: Path, bos: str, eos: str, unk: str, pad: str):
@@ -139,23 +87,51 @@ def build_hf_tokenizer(spm_path: Path, bos: str, eos: str, unk: str, pad: str):
     )
 
 
-def model_card(cfg: PipelineConfig, paths: RunPaths, model: GPT, tag: str, manifest, diff: float) -> str:
+def _lineage(paths: RunPaths, manifest) -> list[str]:
+    """Where the weights came from: corpus cleaning counts, tokenizer and shard hashes."""
+    lines = [
+        f"- shard manifest sha256: `{sha256_file(manifest.path)}`",
+        f"- tokenizer (SentencePiece) sha256: `{manifest.raw['tokenizer_sha256']}`",
+    ]
+    for split in ("train", "val"):
+        entries = manifest.shard_entries(split)
+        lines.append(
+            f"- {split}: {sum(e['tokens'] for e in entries):,} tokens, "
+            f"{sum(e.get('documents', 0) for e in entries):,} documents in {len(entries)} shards"
+        )
+    clean = read_stage_record(paths.clean) or {}
+    if "kept" in clean:
+        lines.append(
+            f"- cleaning: {clean.get('docs_in', '?'):,} documents read, {clean['kept']:,} kept, "
+            f"dropped {clean.get('dropped', {})}, {clean.get('quarantined', 0):,} quarantined"
+        )
+    return lines
+
+
+def model_card(
+    cfg: PipelineConfig, paths: RunPaths, model: GPT, tag: str, manifest, diff: float, onnx_diff: float | None = None
+) -> str:
+    family = hf_family(cfg.model)
+    c = cfg.model
     lines = [
         "---",
         "library_name: transformers",
         "pipeline_tag: text-generation",
-        "tags: [gpt2, pretrain-pipeline]",
+        f"tags: [{family}, pretrain-pipeline]",
         "---",
         f"# {cfg.runtime.run_name}",
         "",
-        f"A GPT-2-style causal language model trained from scratch with pretrain-pipeline {__version__} "
-        "(DeepSpeed ZeRO), exported from checkpoint "
-        f"`{tag}`. The reloaded export matches the training model's logits within {diff:.2e}.",
+        f"A {family}-architecture causal language model trained from scratch with pretrain-pipeline "
+        f"{__version__} (DeepSpeed ZeRO-{cfg.train.zero_stage}), exported from checkpoint `{tag}`. "
+        f"The reloaded export matches the training model's logits within {diff:.2e} (fp32).",
         "",
         "## Architecture",
+        f"- transformers class: `{'GPT2LMHeadModel' if family == 'gpt2' else 'LlamaForCausalLM'}`",
         f"- {model.num_params(non_embedding=False):,} parameters ({model.num_params():,} without position embeddings)",
-        f"- {cfg.model.n_layer} layers, {cfg.model.n_head} heads, width {cfg.model.n_embd}, context {cfg.model.block_size}",
-        f"- vocabulary {model.vocab_size}, tied embeddings: {cfg.model.tie_embeddings}, biases: {cfg.model.bias}",
+        f"- {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size}",
+        f"- positions {c.position}, norm {c.norm}, MLP {c.mlp}, biases {c.bias}, tied embeddings {c.tie_embeddings}",
+        f"- vocabulary {model.vocab_size}",
+        f"- model config sha256: `{cfg.model.fingerprint()}`",
         "",
         "## Training",
         "```json",
@@ -165,23 +141,23 @@ def model_card(cfg: PipelineConfig, paths: RunPaths, model: GPT, tag: str, manif
     summary_path = paths.train / "summary.json"
     if summary_path.exists():
         s = read_json(summary_path)
-        lines += [f"Trained {s.get('steps')} steps on {s.get('tokens_seen'):,} tokens; final train loss {s.get('final_loss'):.4f}."]
-    lines += [
-        "",
-        "## Data lineage",
-        f"- shard manifest sha256: `{sha256_file(manifest.path)}`",
-        f"- tokenizer (SentencePiece) sha256: `{manifest.raw['tokenizer_sha256']}`",
-        f"- train tokens in manifest: {sum(e['tokens'] for e in manifest.shard_entries('train')):,}",
-    ]
+        lines += [f"Trained {s.get('steps')} steps on {s.get('tokens_seen', 0):,} tokens; final train loss {s.get('final_loss'):.4f}."]
+    lines += ["", "## Data lineage", *_lineage(paths, manifest)]
     eval_path = paths.eval / "eval.json"
     if eval_path.exists():
-        r = read_json(eval_path)["result"]
+        saved = read_json(eval_path)
+        r = saved["result"]
         lines += [
             "",
             "## Evaluation (held-out split)",
             f"- loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, bits per byte {r['bits_per_byte']:.4f} "
             f"over {r['tokens']:,} tokens (checkpoint `{r['checkpoint_tag']}`)",
         ]
+        if saved.get("checkpoint_sha256"):
+            lines.append(f"- evaluated checkpoint sha256: `{saved['checkpoint_sha256']}`")
+    if onnx_diff is not None:
+        lines += ["", "## ONNX", f"`model.onnx` (input `input_ids`, output `logits`, no KV cache) matches the "
+                  f"transformers model within {onnx_diff:.2e} under onnxruntime."]
     lines += [
         "",
         "## Use",
@@ -210,12 +186,23 @@ def verify_export(hf_dir: Path, model: GPT, sample: torch.Tensor) -> float:
     return diff
 
 
-def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportResult:
-    from transformers import GenerationConfig, GPT2LMHeadModel
+def hf_tokenizer_for(manifest):
+    """The transformers tokenizer of the run's SentencePiece model, specials named as in SentencePiece."""
+    import sentencepiece as spm
 
-    check_gpt2_compatible(cfg.model)
+    sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
+    return build_hf_tokenizer(
+        manifest.tokenizer_path, bos=sp.id_to_piece(manifest.bos_id), eos=sp.id_to_piece(manifest.eos_id),
+        unk=sp.id_to_piece(sp.unk_id()), pad=sp.id_to_piece(manifest.pad_id),
+    )
+
+
+def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportResult:
+    from transformers import GenerationConfig
+
     from pretrain.checkpoint import latest_tag
 
+    family = hf_family(cfg.model)  # refuse an unexportable architecture before any work
     tag = latest_tag(paths.checkpoints)
     train_fp = (read_stage_record(paths.train) or {}).get("fingerprint")
     eval_fp = (read_stage_record(paths.eval) or {}).get("fingerprint")
@@ -224,34 +211,19 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
         return ExportResult(**{**(read_stage_record(paths.export) or {})["result"], "skipped": True})
 
     model, tag, manifest = load_model(cfg, paths, tag)
-    hf_model = GPT2LMHeadModel(gpt2_config(model, manifest.bos_id, manifest.eos_id, manifest.pad_id))
-    missing, unexpected = hf_model.load_state_dict(to_gpt2_state_dict(model), strict=False)
-    missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"GPT-2 mapping incomplete: missing {missing}, unexpected {unexpected}")
-    if cfg.model.tie_embeddings:
-        hf_model.tie_weights()
+    hf_model = to_hf_model(model, manifest.bos_id, manifest.eos_id, manifest.pad_id)
     sample = torch.randint(0, model.vocab_size, (2, min(16, cfg.model.block_size)), generator=torch.Generator().manual_seed(0))
-
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
-    special = {
-        "bos": sp.id_to_piece(manifest.bos_id),
-        "eos": sp.id_to_piece(manifest.eos_id),
-        "unk": sp.id_to_piece(sp.unk_id()),
-        "pad": sp.id_to_piece(manifest.pad_id),
-    }
     hf_dir = paths.export / "hf"
     paths.export.mkdir(parents=True, exist_ok=True)
+    onnx_diff = None
     with atomic_path(hf_dir) as tmp:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
+        hf_model.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.export.max_shard_size)
         GenerationConfig(
             bos_token_id=manifest.bos_id, eos_token_id=manifest.eos_id, pad_token_id=manifest.pad_id,
             do_sample=cfg.eval.temperature > 0, temperature=cfg.eval.temperature or None,
             top_k=cfg.eval.top_k or None, max_new_tokens=cfg.eval.max_new_tokens,
         ).save_pretrained(tmp)
-        tok = build_hf_tokenizer(manifest.tokenizer_path, **special)
+        tok = hf_tokenizer_for(manifest)
         tok.model_max_length = cfg.model.block_size
         tok.save_pretrained(tmp)
         # The generic class name loads in transformers 4.x as well as 5.x (which aliases it).
@@ -259,9 +231,18 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
         tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         diff = verify_export(tmp, model, sample)
-        (tmp / "README.md").write_text(model_card(cfg, paths, model, tag, manifest, diff))
+        if cfg.export.onnx:
+            from pretrain.onnx_export import check_onnx, export_onnx
+
+            onnx_path = export_onnx(hf_model, tmp / "onnx" / "model.onnx", sample, opset=cfg.export.onnx_opset)
+            # A different shape from the traced one, so a graph frozen to the example fails here.
+            check_sample = torch.randint(0, model.vocab_size, (3, min(11, cfg.model.block_size)), generator=torch.Generator().manual_seed(1))
+            onnx_diff = check_onnx(onnx_path, hf_model, check_sample)
+        (tmp / "README.md").write_text(model_card(cfg, paths, model, tag, manifest, diff, onnx_diff))
     result = ExportResult(
-        hf_dir=str(hf_dir), checkpoint_tag=tag, max_abs_logit_diff=diff, params=model.num_params(non_embedding=False)
+        hf_dir=str(hf_dir), checkpoint_tag=tag, max_abs_logit_diff=diff, params=model.num_params(non_embedding=False),
+        family=family, onnx_path=str(hf_dir / "onnx" / "model.onnx") if onnx_diff is not None else None,
+        onnx_max_abs_logit_diff=onnx_diff,
     )
     mark_stage_done(paths.export, fp, {"result": result.to_dict(), "checkpoint_tag": tag})
     return result

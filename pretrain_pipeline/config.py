@@ -149,11 +149,16 @@ class EvalConfig(Section):
     temperature: float = Field(0.8, ge=0, description="0 = greedy.")
     top_k: int = Field(50, ge=0, description="0 = no top-k cut.")
     seed: int = 7
+    wandb: bool = Field(True, description="Log the results to the training run's W&B run (tracking.wandb_mode).")
 
 
 class ExportConfig(Section):
+    """Hugging Face (GPT-2 or Llama family) and ONNX exports of the last checkpoint."""
+
     hf: bool = Field(True, description="Write a Hugging Face model (safetensors + tokenizer).")
+    max_shard_size: str = Field("2GB", description="Largest safetensors shard (transformers size string).")
     onnx: bool = Field(False, description="Also export ONNX and check it with onnxruntime.")
+    onnx_opset: int = Field(18, ge=14, le=23, description="ONNX opset of the exported graph.")
 
 
 class TrackingConfig(Section):
