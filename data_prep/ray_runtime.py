@@ -81,6 +81,36 @@ def _worker_env() -> dict[str, str]:
     return {"PYTHONPATH": os.pathsep.join(paths), QUIET_ENV: os.environ.get(QUIET_ENV, "")}
 
 
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_saved_cluster_mode: list = []
+
+
+def _single_machine_mode(enable: bool) -> None:
+    """Keep a local Ray on loopback.
+
+    On Linux Ray advertises the machine's routable address and its GCS, raylet and agents listen
+    there, even for a one-machine cluster. Its single-machine mode (the default on macOS and
+    Windows) puts every listener on 127.0.0.1. The flag is read by Ray's processes from the
+    environment and by this process from ``ray_constants``; both are restored when the local
+    session ends so a later session in this process can still join a real cluster.
+    """
+    from ray._private import ray_constants
+
+    if enable:
+        if os.environ.get(_LOOPBACK_ENV) not in (None, "0"):
+            return  # the user asked for cluster mode explicitly
+        _saved_cluster_mode.append((os.environ.get(_LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER))
+        os.environ[_LOOPBACK_ENV] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    elif _saved_cluster_mode:
+        env_value, constant = _saved_cluster_mode.pop()
+        if env_value is None:
+            os.environ.pop(_LOOPBACK_ENV, None)
+        else:
+            os.environ[_LOOPBACK_ENV] = env_value
+        ray_constants.ENABLE_RAY_CLUSTER = constant
+
+
 @contextlib.contextmanager
 def ray_session(runtime_cfg: RuntimeConfig | None = None) -> Iterator[None]:
     """Join the running Ray, the configured cluster, or start a local one; stop only what we started."""
@@ -102,9 +132,7 @@ def ray_session(runtime_cfg: RuntimeConfig | None = None) -> Iterator[None]:
             kwargs["address"] = runtime_cfg.ray_address
         else:
             kwargs["num_cpus"] = runtime_cfg.num_cpus
-            # Not bound to loopback: Ray 2.x on Linux rewrites 127.0.0.1 to the reachable address
-            # (services.resolve_ip_for_localhost) unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set
-            # before ray is first imported, which would also break joining a real cluster.
+            _single_machine_mode(True)
             kwargs["runtime_env"] = {"env_vars": _worker_env()}
             temp = _temp_dir()
             if temp:
@@ -118,6 +146,7 @@ def ray_session(runtime_cfg: RuntimeConfig | None = None) -> Iterator[None]:
     finally:
         if started:
             ray.shutdown()
+            _single_machine_mode(False)
 
 
 def _main() -> None:  # pragma: no cover - manual smoke check: python -m data_prep.ray_runtime
