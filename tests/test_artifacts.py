@@ -40,3 +40,16 @@ def test_stage_record_matches_only_its_fingerprint(tmp_path):
     assert not stage_is_current(tmp_path, fingerprint({"a": 2}, "input-hash"))
     (tmp_path / "_SUCCESS.json").write_text("{truncated")
     assert not stage_is_current(tmp_path, fp)
+
+
+def test_leftovers_of_a_killed_writer_are_removed(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "half-written").write_text("x")
+    with atomic_path(tmp_path / "out") as tmp:
+        tmp.mkdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
