@@ -1,18 +1,25 @@
-"""Clean stage: raw files -> repaired, filtered, exact-deduplicated Parquet (Ray Data).
+"""Clean stage: raw files -> repaired, filtered, deduplicated Parquet (Ray Data).
 
-    files ─(one task per file)→ reader rows ─map_batches→ repair + filters
-          ─groupby(text_hash)→ exact dedup ─driver→ sorted Parquet parts + stats
+    files ─(one Ray task per file)→ read, repair, language, filters, PII, MinHash band keys
+          → clean/_work/<file key>.parquet + .keys.parquet + .done.json   (per-file completion)
+    keys  ─groupby(key % partitions)→ edges (first copy, other copy) per equal key   (the shuffle)
+    edges ─driver union-find→ exact / near-duplicate drops → sorted Parquet parts + stats
+
+A rerun after a crash finds the ``.done.json`` of every finished file and redoes only the others;
+the shuffle and the final write are cheap next to stage 1. The final directory replaces
+``clean/`` atomically, which also removes ``_work/``.
 
 Output ``clean/``::
 
-    part-00000.parquet …   kept documents in (source, line) order: id, text, source, line, n_chars, n_words
+    part-00000.parquet …   kept documents in (source, line) order: id, text, source, line,
+                           n_chars, n_words, language, language_score
     dropped.parquet        id, source, line, drop_reason
     quarantine.jsonl       records the readers could not parse: source, line, reason, excerpt
-    stats.json             counts per reason and per file, length histogram, input fingerprint
+    stats.json             counts per reason and per file, languages, PII, length histogram
     _SUCCESS.json          fingerprint + summary; a rerun with the same inputs and config is skipped
 
-Same inputs and ``data`` config give byte-identical files: rows are sorted before writing and no
-file holds a timestamp.
+Same inputs and ``data`` config give byte-identical files: rows are sorted before writing, the
+kept copy of a duplicate cluster is the first in (source, line) order, no file holds a timestamp.
 """
 
 from __future__ import annotations
@@ -24,14 +31,15 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep.filters import clean_batch
+from data_prep.filters import PII_KINDS, clean_batch
+from data_prep.minhash import EDGES_SCHEMA, KEYS_SCHEMA, MinHasher, add_partition, duplicates_from_edges, edges_of_partition, key_rows, ordinal
 from data_prep.readers import expand_inputs, read_file
 from data_prep.ray_runtime import available_cpus, ray_session
 from pretrain_pipeline.artifacts import (
@@ -49,31 +57,31 @@ from pretrain_pipeline.config import DataConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
-EXACT_DUPLICATE = "exact_duplicate"
 # Files up to this size are identified by content hash (a rebuilt but identical file is still
 # "the same input"); bigger ones by size + mtime, so a huge corpus is not re-read just to hash it.
 _HASH_INPUTS_UP_TO = 1 << 30
-_READ_CHUNK_ROWS = 10_000
+_READ_CHUNK_ROWS = 5_000
 # Row groups of the clean parts are the unit of work of the shard stage's encoders.
 ROW_GROUP_DOCS = 1000
+# Rows of (ord, kind, key) per shuffle partition: bounds the memory of one edges task.
+_ROWS_PER_PARTITION = 2_000_000
+WORK_DIR = "_work"
 
-ROW_SCHEMA = pa.schema(
+WORK_SCHEMA = pa.schema(
     [
+        ("ord", pa.uint64()),
         ("id", pa.string()),
         ("text", pa.string()),
         ("source", pa.string()),
         ("line", pa.int64()),
         ("quarantine", pa.string()),
         ("excerpt", pa.string()),
-    ]
-)
-CLEAN_SCHEMA = pa.schema(
-    [
-        *ROW_SCHEMA,
         ("drop_reason", pa.string()),
-        ("text_hash", pa.string()),
         ("n_chars", pa.int64()),
         ("n_words", pa.int64()),
+        ("language", pa.string()),
+        ("language_score", pa.float64()),
+        *[(f"pii_{k}", pa.int64()) for k in PII_KINDS],
     ]
 )
 KEPT_SCHEMA = pa.schema(
@@ -84,6 +92,8 @@ KEPT_SCHEMA = pa.schema(
         ("line", pa.int64()),
         ("n_chars", pa.int64()),
         ("n_words", pa.int64()),
+        ("language", pa.string()),
+        ("language_score", pa.float64()),
     ]
 )
 DROPPED_SCHEMA = pa.schema(
@@ -104,6 +114,7 @@ class CleanResult:
     skipped: bool = False
     parts: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    files_reused: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -143,7 +154,8 @@ def _ensure_sample_corpus(cfg: DataConfig, paths: RunPaths, seed: int) -> Path:
 def resolve_inputs(cfg: PipelineConfig, paths: RunPaths) -> list[Path]:
     if cfg.data.sample_corpus:
         return [_ensure_sample_corpus(cfg.data, paths, cfg.runtime.seed)]
-    return expand_inputs(cfg.data.inputs)
+    # Sorted as strings: the (source, line) order of the outputs and the dedup ordinals agree.
+    return sorted(expand_inputs(cfg.data.inputs), key=str)
 
 
 def _identity(path: Path) -> list[Any]:
@@ -157,50 +169,73 @@ def clean_fingerprint(cfg: PipelineConfig, files: list[Path]) -> str:
     return fingerprint("clean", cfg.data.model_dump(mode="json"), [_identity(p) for p in files])
 
 
+def _stage1_config(cfg: DataConfig) -> dict[str, Any]:
+    # Settings that only the final write reads do not invalidate finished per-file work.
+    return cfg.model_dump(mode="json", exclude={"documents_per_shard", "exact_dedup", "minhash_dedup", "inputs"})
+
+
+def file_keys(cfg: DataConfig, files: list[Path]) -> list[str]:
+    """Name of each input file's work output: its identity, its place in the order, the config."""
+    stage1 = _stage1_config(cfg)
+    return [fingerprint("clean-file", stage1, i, _identity(p))[:32] for i, p in enumerate(files)]
+
+
 # --------------------------------------------------------------------------------------------
-# Ray Data steps (module-level functions so workers import them instead of unpickling closures)
+# Stage 1: one Ray task per input file (module-level so workers import it, not unpickle a closure)
 
 
-def _rows_table(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+def _work_paths(work_dir: Path, key: str) -> tuple[Path, Path, Path]:
+    return work_dir / f"{key}.parquet", work_dir / f"{key}.keys.parquet", work_dir / f"{key}.done.json"
 
 
-def read_files_batch(batch: dict[str, np.ndarray], text_field: str, id_field: str | None) -> Iterator[pa.Table]:
-    """One input file per batch -> tables of reader rows, streamed in chunks so big files fit."""
-    for path in batch["path"]:
-        rows: list[dict[str, Any]] = []
-        for row in read_file(str(path), text_field, id_field):
-            rows.append(row)
-            if len(rows) >= _READ_CHUNK_ROWS:
-                yield _rows_table(rows)
-                rows = []
-        if rows:
-            yield _rows_table(rows)
+def _file_done(work_dir: Path, key: str) -> bool:
+    return _work_paths(work_dir, key)[2].exists()
 
 
-def clean_block(df: pd.DataFrame, cfg: DataConfig) -> pa.Table:
-    out = clean_batch(df, cfg)
-    return _to_clean_table(out)
+def clean_one_file(path: str, file_index: int, key: str, work_dir: str, cfg: DataConfig) -> dict[str, Any]:
+    """Read, clean and hash one input file into its work files; the ``.done.json`` is written last."""
+    work, keys_path, done = _work_paths(Path(work_dir), key)
+    hasher = MinHasher(cfg.minhash_ngram, cfg.minhash_bands, cfg.minhash_rows, cfg.minhash_seed) if cfg.minhash_dedup else None
+    n = 0
+    # Temp names + rename: a crash mid-file leaves nothing that looks finished.
+    with atomic_path(work) as tmp_work, atomic_path(keys_path) as tmp_keys:
+        with pq.ParquetWriter(tmp_work, WORK_SCHEMA, compression="zstd") as w, pq.ParquetWriter(tmp_keys, KEYS_SCHEMA) as kw:
+            rows: list[dict[str, Any]] = []
+            for row in read_file(path, cfg.text_field, cfg.id_field):
+                rows.append(row)
+                if len(rows) >= _READ_CHUNK_ROWS:
+                    n += _clean_chunk(rows, file_index, cfg, hasher, w, kw)
+                    rows = []
+            if rows:
+                n += _clean_chunk(rows, file_index, cfg, hasher, w, kw)
+    atomic_write_json(done, {"source": path, "rows": n})
+    return {"path": path, "rows": n}
 
 
-def _to_clean_table(df: pd.DataFrame) -> pa.Table:
-    # pandas turns missing strings into NaN/None inconsistently; an explicit schema keeps every
-    # block the same type whatever it happens to contain.
-    df = df.astype(object).where(pd.notna(df), None)
-    return pa.Table.from_pandas(df[CLEAN_SCHEMA.names], schema=CLEAN_SCHEMA, preserve_index=False)
+def _clean_chunk(rows: list[dict[str, Any]], file_index: int, cfg: DataConfig, hasher: MinHasher | None, w, kw) -> int:
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    out = clean_batch(batch, cfg)
+    out["ord"] = [ordinal(file_index, line) for line in out["line"]]
+    w.write_table(pa.Table.from_pydict({k: out[k] for k in WORK_SCHEMA.names}, schema=WORK_SCHEMA))
+    live = [i for i, (q, r) in enumerate(zip(out["quarantine"], out["drop_reason"])) if q is None and r is None]
+    kw.write_table(
+        key_rows(
+            [out["ord"][i] for i in live],
+            [out["text_hash"][i] if cfg.exact_dedup else "" for i in live],
+            [out["text"][i] for i in live],
+            hasher,
+        )
+    )
+    return len(rows)
 
 
-def dedup_group(group: pa.Table) -> pa.Table:
-    """All rows sharing one text hash: keep the first live copy in (source, line) order."""
-    # Most groups are one document; Ray calls this once per group, so that case must be free.
-    if group.num_rows == 1:
-        return group
-    df = group.to_pandas()
-    live = df["quarantine"].isna() & df["drop_reason"].isna()
-    if live.sum() > 1:
-        order = df[live].sort_values(["source", "line"], kind="stable").index
-        df.loc[order[1:], "drop_reason"] = EXACT_DUPLICATE
-    return _to_clean_table(df)
+def clean_files_batch(batch: dict[str, np.ndarray], work_dir: str, cfg: DataConfig) -> dict[str, list]:
+    results = [clean_one_file(str(p), int(i), str(k), work_dir, cfg) for p, i, k in zip(batch["path"], batch["index"], batch["key"])]
+    return {"path": [r["path"] for r in results], "rows": [r["rows"] for r in results]}
+
+
+def edges_batch(group: pa.Table) -> pa.Table:
+    return edges_of_partition(group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,51 +253,82 @@ def _histogram(n_words: np.ndarray) -> list[dict[str, Any]]:
     return [{"min_words": int(lo), "max_words": int(hi), "documents": int(c)} for lo, hi, c in zip(edges, edges[1:], counts)]
 
 
-def _per_file(df: pd.DataFrame, files: list[Path]) -> dict[str, dict[str, int]]:
-    out = {str(p): {"docs_in": 0, "kept": 0, "dropped": 0, "quarantined": 0} for p in files}
-    status = np.where(df["quarantine"].notna(), "quarantined", np.where(df["drop_reason"].notna(), "dropped", "kept"))
-    for (source, kind), n in pd.Series(status).groupby([df["source"].to_numpy(), status]).size().items():
-        entry = out.setdefault(source, {"docs_in": 0, "kept": 0, "dropped": 0, "quarantined": 0})
-        entry[kind] += int(n)
-        entry["docs_in"] += int(n)
-    return out
+class _Writer:
+    """Streams kept rows into parts of ``documents_per_shard`` and dropped rows into one file,
+    one input file at a time, so the driver never holds the corpus."""
+
+    def __init__(self, out_dir: Path, cfg: DataConfig) -> None:
+        self.out_dir, self.cfg = out_dir, cfg
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.parts: list[str] = []
+        self.dropped = pq.ParquetWriter(out_dir / "dropped.parquet", DROPPED_SCHEMA, compression="zstd", store_schema=True)
+        self.quarantine = open(out_dir / "quarantine.jsonl", "w", encoding="utf-8")
+
+    def add(self, kept: pa.Table) -> None:
+        self.buffer.append(kept)
+        self.buffered += kept.num_rows
+        while self.buffered >= self.cfg.documents_per_shard:
+            self._flush(self.cfg.documents_per_shard)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.buffer).combine_chunks()
+        name = f"part-{len(self.parts):05d}.parquet"
+        _write_parquet(table.slice(0, n), self.out_dir / name)
+        self.parts.append(name)
+        rest = table.slice(n)
+        self.buffer, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
+
+    def close(self) -> None:
+        if self.buffered:
+            self._flush(self.buffered)
+        self.dropped.close()
+        self.quarantine.close()
 
 
-def _write_outputs(df: pd.DataFrame, out_dir: Path, cfg: DataConfig, files: list[Path], fp: str) -> dict[str, Any]:
-    df = df.sort_values(["source", "line"], kind="stable").reset_index(drop=True)
-    is_q = df["quarantine"].notna()
-    is_dropped = ~is_q & df["drop_reason"].notna()
-    kept = df[~is_q & ~is_dropped]
-    dropped = df[is_dropped]
-    quarantined = df[is_q]
-
-    parts: list[str] = []
-    per_shard = cfg.documents_per_shard
-    for i, start in enumerate(range(0, len(kept), per_shard)):
-        chunk = kept.iloc[start : start + per_shard]
-        name = f"part-{i:05d}.parquet"
-        _write_parquet(pa.Table.from_pandas(chunk[KEPT_SCHEMA.names], schema=KEPT_SCHEMA, preserve_index=False), out_dir / name)
-        parts.append(name)
-    _write_parquet(
-        pa.Table.from_pandas(dropped[DROPPED_SCHEMA.names], schema=DROPPED_SCHEMA, preserve_index=False),
-        out_dir / "dropped.parquet",
-    )
-    with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as f:
+def _write_outputs(files: list[Path], keys: list[str], work_dir: Path, drops: dict[int, str], out_dir: Path, cfg: DataConfig, fp: str) -> dict[str, Any]:
+    writer = _Writer(out_dir, cfg)
+    reasons: Counter = Counter()
+    q_reasons: Counter = Counter()
+    languages: Counter = Counter()
+    pii: Counter = Counter()
+    per_file: dict[str, dict[str, int]] = {}
+    n_words_kept: list[np.ndarray] = []
+    totals = Counter()
+    for path, key in zip(files, keys):
+        df = pq.read_table(_work_paths(work_dir, key)[0]).to_pandas()
+        df = df.sort_values("line", kind="stable")
+        dup = df["ord"].map(drops)
+        df["drop_reason"] = df["drop_reason"].where(df["drop_reason"].notna(), dup)
+        is_q = df["quarantine"].notna()
+        is_dropped = ~is_q & df["drop_reason"].notna()
+        kept, dropped, quarantined = df[~is_q & ~is_dropped], df[is_dropped], df[is_q]
+        writer.add(pa.Table.from_pandas(kept[KEPT_SCHEMA.names], schema=KEPT_SCHEMA, preserve_index=False))
+        writer.dropped.write_table(pa.Table.from_pandas(dropped[DROPPED_SCHEMA.names], schema=DROPPED_SCHEMA, preserve_index=False))
         for rec in quarantined[["source", "line", "quarantine", "excerpt"]].itertuples(index=False):
-            f.write(json.dumps({"source": rec.source, "line": int(rec.line), "reason": rec.quarantine, "excerpt": rec.excerpt}, ensure_ascii=False) + "\n")
-
-    reasons = Counter(dropped["drop_reason"])
+            writer.quarantine.write(json.dumps({"source": rec.source, "line": int(rec.line), "reason": rec.quarantine, "excerpt": rec.excerpt}, ensure_ascii=False) + "\n")
+        reasons.update(dropped["drop_reason"])
+        q_reasons.update(quarantined["quarantine"])
+        languages.update(kept["language"])
+        for kind in PII_KINDS:
+            pii[kind] += int(kept[f"pii_{kind}"].sum())
+        per_file[str(path)] = {"docs_in": len(df), "kept": len(kept), "dropped": len(dropped), "quarantined": len(quarantined)}
+        n_words_kept.append(kept["n_words"].to_numpy())
+        totals.update(docs_in=len(df), kept=len(kept), quarantined=len(quarantined), kept_chars=int(kept["n_chars"].sum()), kept_words=int(kept["n_words"].sum()))
+    writer.close()
     stats = {
-        "docs_in": len(df),
-        "kept": len(kept),
+        "docs_in": totals["docs_in"],
+        "kept": totals["kept"],
         "dropped": dict(sorted(reasons.items())),
-        "quarantined": len(quarantined),
-        "quarantine_reasons": dict(sorted(Counter(quarantined["quarantine"]).items())),
-        "kept_chars": int(kept["n_chars"].sum()),
-        "kept_words": int(kept["n_words"].sum()),
-        "per_file": _per_file(df, files),
-        "length_histogram": _histogram(kept["n_words"].to_numpy()),
-        "parts": parts,
+        "quarantined": totals["quarantined"],
+        "quarantine_reasons": dict(sorted(q_reasons.items())),
+        "kept_chars": totals["kept_chars"],
+        "kept_words": totals["kept_words"],
+        "kept_languages": dict(sorted(languages.items())),
+        "pii_redacted": dict(sorted(pii.items())),
+        "per_file": per_file,
+        "length_histogram": _histogram(np.concatenate(n_words_kept) if n_words_kept else np.zeros(0, dtype=np.int64)),
+        "parts": writer.parts,
         "input_fingerprint": fp,
         "config": cfg.model_dump(mode="json"),
     }
@@ -283,6 +349,21 @@ def _check_accounting(docs_in: int, kept: int, dropped: dict[str, int], quaranti
 # Stage
 
 
+def _find_duplicates(keys_files: list[Path]) -> dict[int, str]:
+    """The shuffle: (ord, kind, key) rows partitioned by key, edges per partition, union-find here."""
+    import ray
+
+    ds = ray.data.read_parquet([str(p) for p in keys_files], schema=KEYS_SCHEMA)
+    n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in keys_files)
+    if n_rows == 0:
+        return {}
+    n_partitions = max(available_cpus(), -(-n_rows // _ROWS_PER_PARTITION))
+    ds = ds.map_batches(add_partition, batch_format="pyarrow", fn_kwargs={"n_partitions": n_partitions})
+    edges = ds.groupby("part", num_partitions=n_partitions).map_groups(edges_batch, batch_format="pyarrow")
+    tables = list(edges.iter_batches(batch_format="pyarrow", batch_size=None))
+    return duplicates_from_edges(pa.concat_tables([t.select(EDGES_SCHEMA.names).cast(EDGES_SCHEMA) for t in tables]) if tables else EDGES_SCHEMA.empty_table())
+
+
 def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> CleanResult:
     """Run (or skip, when current) the clean stage into ``paths.clean``."""
     start = time.monotonic()
@@ -295,42 +376,48 @@ def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> C
 
     import ray
 
+    work_dir = paths.clean / WORK_DIR
+    work_dir.mkdir(parents=True, exist_ok=True)
+    keys = file_keys(cfg.data, files)
+    todo = [(str(p), i, k) for i, (p, k) in enumerate(zip(files, keys)) if not _file_done(work_dir, k)]
+    reused = len(files) - len(todo)
+    if reused:
+        log.info("clean: %d of %d input files already done, resuming", reused, len(files))
+
     with ray_session(cfg.runtime):
-        ds = ray.data.from_items([{"path": str(p)} for p in files], override_num_blocks=len(files))
-        ds = ds.map_batches(
-            read_files_batch,
-            batch_size=1,
-            batch_format="numpy",
-            fn_kwargs={"text_field": cfg.data.text_field, "id_field": cfg.data.id_field},
-        )
-        ds = ds.map_batches(clean_block, batch_format="pandas", fn_kwargs={"cfg": cfg.data})
-        # Materialised once: the count below is then an independent check on the dedup shuffle.
-        ds = ds.materialize()
-        docs_in = ds.count()
-        if cfg.data.exact_dedup and docs_in:
-            n_partitions = max(1, min(available_cpus(), ds.num_blocks()))
-            ds = ds.groupby("text_hash", num_partitions=n_partitions).map_groups(dedup_group, batch_format="pyarrow")
-        tables = [batch for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None)]
-        df = (pa.concat_tables(tables) if tables else CLEAN_SCHEMA.empty_table()).to_pandas()
+        if todo:
+            ds = ray.data.from_items([{"path": p, "index": i, "key": k} for p, i, k in todo], override_num_blocks=len(todo))
+            ds = ds.map_batches(clean_files_batch, batch_size=1, batch_format="numpy", fn_kwargs={"work_dir": str(work_dir), "cfg": cfg.data})
+            ds.materialize()
+        missing = [str(p) for p, k in zip(files, keys) if not _file_done(work_dir, k)]
+        if missing:
+            raise RuntimeError(f"clean: no completion record for {missing[:5]} after stage 1")
+        drops: dict[int, str] = {}
+        if cfg.data.exact_dedup or cfg.data.minhash_dedup:
+            drops = _find_duplicates([_work_paths(work_dir, k)[1] for k in keys])
 
     with atomic_path(paths.clean) as tmp:
         tmp.mkdir(parents=True)
-        stats = _write_outputs(df, tmp, cfg.data, files, fp)
-        _check_accounting(docs_in, stats["kept"], stats["dropped"], stats["quarantined"])
+        stats = _write_outputs(files, keys, work_dir, drops, tmp, cfg.data, fp)
+        _check_accounting(stats["docs_in"], stats["kept"], stats["dropped"], stats["quarantined"])
+        expected = sum(read_json(_work_paths(work_dir, k)[2])["rows"] for k in keys)
+        if expected != stats["docs_in"]:
+            raise RuntimeError(f"clean accounting broken: readers produced {expected} rows, outputs hold {stats['docs_in']}")
 
     result = CleanResult(
         output_dir=paths.clean,
-        docs_in=docs_in,
+        docs_in=stats["docs_in"],
         kept=stats["kept"],
         dropped=stats["dropped"],
         quarantined=stats["quarantined"],
         fingerprint=fp,
         parts=stats["parts"],
         elapsed_s=round(time.monotonic() - start, 3),
+        files_reused=reused,
     )
     summary = result.to_dict()
     summary.pop("skipped")
     summary.pop("fingerprint")
     mark_stage_done(paths.clean, fp, summary)
-    log.info("clean: %d in, %d kept, %s dropped, %d quarantined", docs_in, result.kept, result.dropped, result.quarantined)
+    log.info("clean: %d in, %d kept, %s dropped, %d quarantined", result.docs_in, result.kept, result.dropped, result.quarantined)
     return result

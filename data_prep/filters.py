@@ -1,22 +1,31 @@
 """Per-document cleaning steps, datatrove style.
 
-A *repair* step returns new text; a *filter* returns None to keep a document or a drop reason
-``"<filter>:<why>"``. ``clean_batch`` runs them in order on a batch and is what Ray Data maps over
-the corpus; the first filter that objects decides the document's ``drop_reason``.
+A *repair* step returns new text; a *filter* (``data_prep.quality``, ``data_prep.langid``) returns
+None to keep a document or a drop reason ``"<filter>:<why>"``. ``Cleaner`` runs, in order:
+
+    cap length -> ftfy repair -> whitespace -> language -> Gopher repetition -> Gopher quality
+    -> C4 (rewrites lines, then may drop) -> FineWeb -> PII redaction
+
+``clean_batch`` applies it to a batch; the first filter that objects decides ``drop_reason``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-import string
-import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from data_prep.langid import LanguageFilter
+from data_prep.pii import PIIRedactor
+from data_prep.quality import C4Quality, DocStats, Filter, FineWebQuality, GopherQuality, GopherRepetition, LineFilter
 from pretrain_pipeline.config import DataConfig
+
+__all__ = ["Cleaner", "DocStats", "Filter", "GopherQuality", "GopherRepetition", "UnicodeRepair", "build_filters",
+           "clean_batch", "normalize_whitespace", "text_hash", "truncate"]
 
 # --------------------------------------------------------------------------------------------
 # Repair
@@ -52,6 +61,8 @@ _ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _LINE_SEPS = re.compile("\r\n?|[\u2028\u2029\x0b\x0c\x85]")
 _TRAILING_WS = re.compile(r"[ \t]+\n")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
+# Unicode category Cc except tab and newline (CR, VT, FF became newlines above).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def normalize_whitespace(text: str) -> str:
@@ -59,7 +70,7 @@ def normalize_whitespace(text: str) -> str:
     text = _LINE_SEPS.sub("\n", text)
     text = _INVISIBLE.sub("", text)
     text = _ODD_SPACES.sub(" ", text)
-    text = "".join(ch for ch in text if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    text = _CONTROL.sub("", text)
     text = _TRAILING_WS.sub("\n", text)
     text = _MANY_BLANK_LINES.sub("\n\n", text)
     return text.strip()
@@ -77,106 +88,60 @@ def truncate(text: str, max_chars: int) -> str:
 # Filters
 
 
-_PUNCT = set(string.punctuation) | {"…", "—", "–", "“", "”", "‘", "’", "«", "»"}
-
-
-@dataclass
-class DocStats:
-    """Word-level figures several filters share, computed once per document."""
-
-    words: list[str]
-    n_words: int
-
-    @classmethod
-    def of(cls, text: str) -> "DocStats":
-        words = text.split()
-        return cls(words=words, n_words=len(words))
-
-
-class Filter:
-    name = "filter"
-
-    def __call__(self, text: str, stats: DocStats) -> str | None:
-        reason = self.check(text, stats)
-        return None if reason is None else f"{self.name}:{reason}"
-
-    def check(self, text: str, stats: DocStats) -> str | None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-class GopherQuality(Filter):
-    """Gopher (Rae et al. 2021) quality rules: length, word length, symbols, alphabetic words."""
-
-    name = "gopher_quality"
-
-    def __init__(
-        self,
-        min_words: int = 50,
-        max_words: int = 100_000,
-        min_mean_word_length: float = 3,
-        max_mean_word_length: float = 10,
-        max_symbol_to_word_ratio: float = 0.1,
-        min_alpha_word_fraction: float = 0.8,
-    ) -> None:
-        self.min_words = min_words
-        self.max_words = max_words
-        self.min_mean_word_length = min_mean_word_length
-        self.max_mean_word_length = max_mean_word_length
-        self.max_symbol_to_word_ratio = max_symbol_to_word_ratio
-        self.min_alpha_word_fraction = min_alpha_word_fraction
-
-    def check(self, text: str, stats: DocStats) -> str | None:
-        n = stats.n_words
-        if n < self.min_words or n == 0:
-            return "too_few_words"
-        if n > self.max_words:
-            return "too_many_words"
-        # Bare punctuation tokens ("-", "—") would drag the mean word length down.
-        lengths = [len(w) for w in stats.words if w not in _PUNCT]
-        mean_len = sum(lengths) / len(lengths) if lengths else 0.0
-        if mean_len < self.min_mean_word_length:
-            return "short_mean_word_length"
-        if mean_len > self.max_mean_word_length:
-            return "long_mean_word_length"
-        n_symbols = text.count("#") + text.count("...") + text.count("…")
-        if n_symbols / n > self.max_symbol_to_word_ratio:
-            return "symbol_ratio"
-        alpha = sum(1 for w in stats.words if any(c.isalpha() for c in w))
-        if alpha / n < self.min_alpha_word_fraction:
-            return "low_alpha_fraction"
-        return None
-
-
-class GopherRepetition(Filter):
-    """Gopher repetition rule: boilerplate pages repeat whole lines (menus, footers)."""
-
-    name = "gopher_repetition"
-
-    def __init__(self, max_duplicate_line_fraction: float = 0.3) -> None:
-        self.max_duplicate_line_fraction = max_duplicate_line_fraction
-
-    def check(self, text: str, stats: DocStats) -> str | None:
-        lines = [line.strip() for line in text.split("\n") if line.strip()]
-        if not lines:
-            return None
-        duplicates = len(lines) - len(set(lines))
-        if duplicates / len(lines) > self.max_duplicate_line_fraction:
-            return "duplicate_lines"
-        return None
-
-
 def build_filters(cfg: DataConfig) -> list[Filter]:
-    return [
-        GopherQuality(
-            min_words=cfg.min_words,
-            max_words=cfg.max_words,
-            min_mean_word_length=cfg.min_mean_word_length,
-            max_mean_word_length=cfg.max_mean_word_length,
-            max_symbol_to_word_ratio=cfg.max_symbol_to_word_ratio,
-            min_alpha_word_fraction=cfg.min_alpha_word_fraction,
-        ),
-        GopherRepetition(cfg.max_duplicate_line_fraction),
-    ]
+    filters: list[Filter] = []
+    if cfg.language_filter:
+        filters.append(LanguageFilter(cfg.languages, cfg.language_threshold))
+    if cfg.gopher_repetition:
+        filters.append(
+            GopherRepetition(
+                dup_line_frac=cfg.max_duplicate_line_fraction,
+                dup_para_frac=cfg.max_duplicate_paragraph_fraction,
+                dup_line_char_frac=cfg.max_duplicate_line_char_fraction,
+                dup_para_char_frac=cfg.max_duplicate_paragraph_char_fraction,
+                top_n_grams=tuple(sorted(cfg.gopher_top_ngram_fractions.items())),
+                dup_n_grams=tuple(sorted(cfg.gopher_dup_ngram_fractions.items())),
+            )
+        )
+    if cfg.gopher_quality:
+        filters.append(
+            GopherQuality(
+                min_words=cfg.min_words,
+                max_words=cfg.max_words,
+                min_mean_word_length=cfg.min_mean_word_length,
+                max_mean_word_length=cfg.max_mean_word_length,
+                max_symbol_to_word_ratio=cfg.max_symbol_to_word_ratio,
+                min_alpha_word_fraction=cfg.min_alpha_word_fraction,
+                max_bullet_lines_ratio=cfg.max_bullet_lines_ratio,
+                max_ellipsis_lines_ratio=cfg.max_ellipsis_lines_ratio,
+                min_stop_words=cfg.min_stop_words,
+            )
+        )
+    if cfg.c4_filter:
+        filters.append(
+            C4Quality(
+                min_words_per_line=cfg.c4_min_words_per_line,
+                min_sentences=cfg.c4_min_sentences,
+                max_word_length=cfg.c4_max_word_length,
+                drop_no_terminal_punct=cfg.c4_drop_no_terminal_punct,
+                drop_curly_bracket=cfg.c4_drop_curly_bracket,
+                drop_lorem_ipsum=cfg.c4_drop_lorem_ipsum,
+                drop_javascript_lines=cfg.c4_drop_javascript_lines,
+                drop_policy_lines=cfg.c4_drop_policy_lines,
+                remove_citations=cfg.c4_remove_citations,
+            )
+        )
+    if cfg.fineweb_filter:
+        filters.append(
+            FineWebQuality(
+                line_punct_ratio=cfg.fineweb_line_punct_ratio,
+                short_line_ratio=cfg.fineweb_short_line_ratio,
+                short_line_chars=cfg.fineweb_short_line_chars,
+                char_duplicates_ratio=cfg.fineweb_char_duplicates_ratio,
+                new_line_ratio=cfg.fineweb_new_line_ratio,
+            )
+        )
+    return filters
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,64 +153,88 @@ def text_hash(text: str) -> str:
     return hashlib.sha1(" ".join(text.casefold().split()).encode("utf-8")).hexdigest()
 
 
+@dataclass
+class Cleaned:
+    text: str
+    drop_reason: str | None
+    n_words: int
+    language: str
+    language_score: float
+    pii: Counter
+
+
 class Cleaner:
-    """Repair + filters for one config; built once per batch (cheap) or once per worker."""
+    """Repair + filters + PII for one config; cheap to build (the language model is cached per process)."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
         self.repair = UnicodeRepair()
         self.filters = build_filters(cfg)
+        self.pii = PIIRedactor() if cfg.pii_redact else None
 
-    def clean_one(self, text: str) -> tuple[str, str | None, int]:
-        """(repaired text, drop reason or None, word count)."""
-        text = truncate(normalize_whitespace(self.repair(text)), self.cfg.max_chars)
+    def clean_one(self, text: str) -> Cleaned:
+        cfg = self.cfg
+        # The length rule runs first, so no later step (ftfy, regexes) ever sees a huge document.
+        # Some slack lets whitespace normalisation shrink the text before the final cut.
+        if len(text) > cfg.max_chars and cfg.long_doc_rule == "drop":
+            return Cleaned(text[: cfg.max_chars], "long_document", len(text[: cfg.max_chars].split()), "", 0.0, Counter())
+        text = truncate(text, cfg.max_chars + 4096)
+        text = truncate(normalize_whitespace(self.repair(text)), cfg.max_chars)
         stats = DocStats.of(text)
+        reason = None
         for f in self.filters:
+            if isinstance(f, LineFilter):
+                rewritten = f.rewrite(text)
+                if rewritten != text:
+                    text, stats = rewritten, _carry(DocStats.of(rewritten), stats)
             if reason := f(text, stats):
-                return text, reason, stats.n_words
-        return text, None, stats.n_words
+                break
+        pii: Counter = Counter()
+        if self.pii is not None and reason is None:
+            text, pii = self.pii.redact(text)
+            stats = _carry(DocStats.of(text), stats)
+        return Cleaned(text, reason, stats.n_words, stats.language, stats.language_score, pii)
+
+
+def _carry(new: DocStats, old: DocStats) -> DocStats:
+    new.language, new.language_score = old.language, old.language_score
+    return new
+
+
+PII_KINDS = ("email", "ip", "phone")
 
 
 def clean_batch(batch: dict[str, list] | pd.DataFrame, cfg: DataConfig) -> dict[str, list] | pd.DataFrame:
-    """Repair and filter a batch of reader rows; adds ``drop_reason``, ``text_hash``, ``n_chars``, ``n_words``.
+    """Repair and filter a batch of reader rows.
 
-    Quarantined rows (``quarantine`` set by the reader) pass through untouched with no drop reason:
-    they are counted as quarantined, not as dropped.
+    Adds ``drop_reason``, ``text_hash``, ``n_chars``, ``n_words``, ``language``, ``language_score``
+    and ``pii_<kind>`` counts. Quarantined rows (``quarantine`` set by the reader) pass through
+    untouched with no drop reason: they are counted as quarantined, not as dropped.
     """
     is_frame = isinstance(batch, pd.DataFrame)
     texts = list(batch["text"])
     quarantine = list(batch["quarantine"]) if "quarantine" in batch else [None] * len(texts)
     cleaner = Cleaner(cfg)
-    out_text: list[str] = []
-    reasons: list[str | None] = []
-    hashes: list[str] = []
-    n_chars: list[int] = []
-    n_words: list[int] = []
+    cols: dict[str, list] = {k: [] for k in ("text", "drop_reason", "text_hash", "n_chars", "n_words", "language", "language_score")}
+    pii_cols: dict[str, list] = {f"pii_{k}": [] for k in PII_KINDS}
     for text, q in zip(texts, quarantine):
         if _is_set(q):
-            out_text.append(text)
-            reasons.append(None)
-            hashes.append("")
-            n_chars.append(0)
-            n_words.append(0)
-            continue
-        text, reason, words = cleaner.clean_one(text)
-        out_text.append(text)
-        reasons.append(reason)
-        hashes.append(text_hash(text))
-        n_chars.append(len(text))
-        n_words.append(words)
-    columns: dict[str, Any] = {
-        "text": out_text,
-        "drop_reason": reasons,
-        "text_hash": hashes,
-        "n_chars": n_chars,
-        "n_words": n_words,
-    }
+            row = (text, None, "", 0, 0, "", 0.0)
+            pii: Counter = Counter()
+        else:
+            c = cleaner.clean_one(text)
+            row = (c.text, c.drop_reason, text_hash(c.text), len(c.text), c.n_words, c.language, c.language_score)
+            pii = c.pii
+        for key, value in zip(cols, row):
+            cols[key].append(value)
+        for kind in PII_KINDS:
+            pii_cols[f"pii_{kind}"].append(pii.get(kind, 0))
+    columns: dict[str, Any] = {**cols, **pii_cols}
     if is_frame:
         out = batch.copy()
         for key, values in columns.items():
-            out[key] = pd.Series(values, index=batch.index, dtype=object if key in ("text", "drop_reason", "text_hash") else "int64")
+            dtype = "int64" if key in ("n_chars", "n_words") or key.startswith("pii_") else ("float64" if key == "language_score" else object)
+            out[key] = pd.Series(values, index=batch.index, dtype=dtype)
         return out
     return {**batch, **columns}
 

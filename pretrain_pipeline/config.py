@@ -58,7 +58,67 @@ class DataConfig(Section):
     max_duplicate_line_fraction: float = Field(
         0.3, ge=0, le=1, description="Gopher repetition: fraction of lines that are duplicates."
     )
+    long_doc_rule: Literal["truncate", "drop"] = Field(
+        "truncate", description="Documents over `max_chars`: cut at a word boundary, or drop them."
+    )
+    # Language identification (py3langid; the model ships in the package).
+    language_filter: bool = Field(True, description="Drop documents not in `languages` (language is always recorded).")
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], description="ISO 639-1 codes to keep; empty keeps every language."
+    )
+    language_threshold: float = Field(0.65, ge=0, le=1, description="Minimum language probability (FineWeb: 0.65).")
+    # Gopher (Rae et al. 2021); the word-level thresholds above are Gopher's too.
+    gopher_quality: bool = Field(True, description="Apply the Gopher quality rules.")
+    gopher_repetition: bool = Field(True, description="Apply the Gopher repetition rules.")
+    min_stop_words: int = Field(2, ge=0, description="Gopher: minimum count of the, be, to, of, and, that, have, with.")
+    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1, description="Gopher: lines starting with a bullet.")
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1, description="Gopher: lines ending with an ellipsis.")
+    max_duplicate_paragraph_fraction: float = Field(0.3, ge=0, le=1, description="Gopher repetition: duplicate paragraphs.")
+    max_duplicate_line_char_fraction: float = Field(
+        0.2, ge=0, le=1, description="Gopher repetition: characters in duplicate lines."
+    )
+    max_duplicate_paragraph_char_fraction: float = Field(
+        0.2, ge=0, le=1, description="Gopher repetition: characters in duplicate paragraphs."
+    )
+    gopher_top_ngram_fractions: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
+        description="Gopher repetition: n -> max share of characters in the most frequent n-gram.",
+    )
+    gopher_dup_ngram_fractions: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="Gopher repetition: n -> max share of characters in repeated n-grams.",
+    )
+    # C4 (Raffel et al. 2020): line rules rewrite the text, document rules drop it.
+    c4_filter: bool = Field(
+        False,
+        description="Apply the C4 line and document rules (off by default: they drop code, lists and "
+        "documents under 5 sentences, e.g. most of the docstring sample corpus).",
+    )
+    c4_min_words_per_line: int = Field(3, ge=0, description="C4: drop lines with fewer words.")
+    c4_min_sentences: int = Field(5, ge=0, description="C4: drop documents with fewer sentences.")
+    c4_max_word_length: int = Field(1000, ge=0, description="C4: drop lines with a longer word (0: off).")
+    c4_drop_no_terminal_punct: bool = Field(True, description="C4: drop lines not ending in terminal punctuation.")
+    c4_drop_curly_bracket: bool = Field(True, description="C4: drop documents containing '{' (code).")
+    c4_drop_lorem_ipsum: bool = Field(True, description="C4: drop documents containing 'lorem ipsum'.")
+    c4_drop_javascript_lines: bool = Field(True, description="C4: drop lines mentioning javascript.")
+    c4_drop_policy_lines: bool = Field(True, description="C4: drop cookie/privacy/terms notices.")
+    c4_remove_citations: bool = Field(True, description="C4: remove [1], [edit], [citation needed].")
+    # FineWeb (Penedo et al. 2024).
+    fineweb_filter: bool = Field(True, description="Apply the FineWeb quality rules.")
+    fineweb_line_punct_ratio: float = Field(0.12, ge=0, le=1, description="FineWeb: min share of lines ending in punctuation.")
+    fineweb_short_line_ratio: float = Field(0.67, ge=0, le=1, description="FineWeb: max share of short lines.")
+    fineweb_short_line_chars: int = Field(30, ge=0, description="FineWeb: a line this long or shorter is short.")
+    fineweb_char_duplicates_ratio: float = Field(0.01, ge=0, le=1, description="FineWeb: max share of chars in duplicate lines.")
+    fineweb_new_line_ratio: float = Field(0.3, ge=0, description="FineWeb: max newlines per word.")
+    # PII.
+    pii_redact: bool = Field(True, description="Replace e-mail, IP addresses and phone numbers by placeholders.")
     exact_dedup: bool = Field(True, description="Drop exact duplicates (hash of normalised text).")
+    # MinHash LSH near-dup dedup (FineWeb: 5-gram shingles, 14 bands x 8 rows).
+    minhash_dedup: bool = Field(True, description="Drop near duplicates found by MinHash LSH.")
+    minhash_ngram: int = Field(5, ge=1, description="Word n-gram size of the shingles.")
+    minhash_bands: int = Field(14, ge=1, description="LSH bands; a pair sharing one band's hashes is a candidate.")
+    minhash_rows: int = Field(8, ge=1, description="Hashes per band (bands x rows hashes per document).")
+    minhash_seed: int = Field(1, description="Seed of the MinHash permutations.")
     documents_per_shard: int = Field(50_000, ge=1, description="Documents per cleaned Parquet shard.")
 
 

@@ -68,7 +68,9 @@ def test_gopher_repetition() -> None:
     boiler = "\n".join(["Home | About | Contact"] * 5 + [PROSE])
     assert f(boiler, DocStats.of(boiler)) == "gopher_repetition:duplicate_lines"
     varied = "\n".join(f"{PROSE} {i}" for i in range(5))
-    assert f(varied, DocStats.of(varied)) is None
+    # Distinct lines, but the same sentence five times: the n-gram rules catch it.
+    assert f(varied, DocStats.of(varied)) == "gopher_repetition:top_4_gram"
+    assert GopherRepetition(0.3, top_n_grams=(), dup_n_grams=())(varied, DocStats.of(varied)) is None
 
 
 def test_unicode_repair_fixes_mojibake_without_nfkc() -> None:
@@ -109,7 +111,7 @@ def _rows(texts: list[str]) -> dict[str, list]:
 
 
 def test_clean_batch_dict_and_frame_agree() -> None:
-    cfg = DataConfig(max_chars=1000)
+    cfg = DataConfig(max_chars=1000, languages=[], language_threshold=0, min_stop_words=0, gopher_repetition=False, fineweb_filter=False)
     texts = ["Le cafÃ© est trÃ¨s bon et nous aimons beaucoup ce petit endroit.", "tiny", PROSE * 100]
     out = clean_batch(_rows(texts), cfg)
     frame = clean_batch(pd.DataFrame(_rows(texts)), cfg)
@@ -118,6 +120,7 @@ def test_clean_batch_dict_and_frame_agree() -> None:
     assert out["drop_reason"] == [None, "gopher_quality:too_few_words", None]
     assert len(out["text"][2]) <= 1000
     assert out["n_words"][0] == 12
+    assert out["language"][0] == "fr" and out["language_score"][0] > 0.9
     assert list(frame["drop_reason"].where(frame["drop_reason"].notna(), None)) == out["drop_reason"]
     assert list(frame["text_hash"]) == out["text_hash"]
 
@@ -276,3 +279,87 @@ def test_read_shard_tokens(tmp_path: Path, batches: int) -> None:
     assert tokens.dtype == np.uint16
     assert list(offsets) == [0, 3, 5, 9]
     assert [list(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])] == docs
+
+
+# --------------------------------------------------------------------------------------------
+# Language, C4, FineWeb, PII, MinHash
+
+
+def test_language_filter_records_language() -> None:
+    from data_prep.langid import LanguageFilter
+
+    f = LanguageFilter(["en"], 0.65)
+    stats = DocStats.of(PROSE)
+    assert f(PROSE, stats) is None and stats.language == "en" and stats.language_score > 0.9
+    fr = "Le chat dort sur la table de la cuisine pendant que nous mangeons du pain."
+    assert f(fr, DocStats.of(fr)) == "language:fr"
+    assert LanguageFilter([], 0.0)(fr, DocStats.of(fr)) is None
+
+
+def test_c4_rewrites_lines_then_judges_document() -> None:
+    from data_prep.quality import C4Quality
+
+    c4 = C4Quality()
+    page = "\n".join(["Menu", "This site uses cookies to improve things.", "Enable javascript to see this page."] + [f"{PROSE} [{i}]" for i in range(5)])
+    out = c4.rewrite(page)
+    assert out.splitlines() == [PROSE] * 5
+    assert c4(out, DocStats.of(out)) is None
+    assert c4(PROSE, DocStats.of(PROSE)) == "c4:too_few_sentences"
+    assert c4("x = {1: 2}. " * 6, DocStats.of("")) == "c4:curly_bracket"
+    assert c4("Lorem ipsum dolor. " * 6, DocStats.of("")) == "c4:lorem_ipsum"
+
+
+def test_fineweb_rules() -> None:
+    from data_prep.quality import FineWebQuality
+
+    fw = FineWebQuality()
+    assert fw(PROSE, DocStats.of(PROSE)) is None
+    no_punct = "\n".join(["a line without an end"] * 3 + [f"another one {i} here and there" for i in range(10)])
+    assert fw(no_punct, DocStats.of(no_punct)) == "fineweb:line_punct_ratio"
+    listing = "\n".join(f"Item {i}." for i in range(40))
+    assert fw(listing, DocStats.of(listing)) == "fineweb:short_line_ratio"
+    dup = "\n".join([PROSE, PROSE + " Again.", PROSE])
+    assert fw(dup, DocStats.of(dup)) == "fineweb:char_dup_ratio"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "kinds"),
+    [
+        ("mail John.Doe+x@mail.example.co.uk today", "mail <EMAIL> today", {"email": 1}),
+        ("hosts 10.0.0.1 and fe80::1ff:fe23:4567:890a", "hosts <IP_ADDRESS> and <IP_ADDRESS>", {"ip": 2}),
+        ("call +44 20 7946 0958 or (555) 123-4567", "call <PHONE_NUMBER> or <PHONE_NUMBER>", {"phone": 2}),
+        # Not PII: versions, times, slices, dates, years, decimals.
+        ("v1.2.3 at 12:30:45, a[::2], 2019-10-22, 1999 2000 2001, 3.14159", None, {}),
+    ],
+)
+def test_pii_redaction(text: str, expected: str | None, kinds: dict) -> None:
+    from data_prep.pii import PIIRedactor
+
+    out, counts = PIIRedactor().redact(text)
+    assert out == (text if expected is None else expected)
+    assert dict(counts) == kinds
+
+
+def test_minhash_similar_texts_share_bands_and_edges_keep_first() -> None:
+    import pyarrow as pa
+    import pyarrow.compute  # noqa: F401
+
+    from data_prep.minhash import NEAR, MinHasher, duplicates_from_edges, edges_of_partition, key_rows
+
+    words = (PROSE + " ") * 3 + " ".join(f"word{i}" for i in range(200))
+    near = words.replace("word50", "changed", 1)
+    other = " ".join(f"other{i}" for i in range(250))
+    h = MinHasher(5, 14, 8, seed=1)
+    assert len(h.signature(words)) == 112 and (h.signature(words) == h.signature(near)).mean() > 0.8
+    assert h.band_keys(words) == MinHasher(5, 14, 8, seed=1).band_keys(words)
+    rows = key_rows([30, 10, 20], ["aa" * 20, "bb" * 20, "cc" * 20], [near, words, other], h)
+    assert rows.num_rows == 3 * 15 and rows.column("kind").to_pylist().count(NEAR) == 42
+    # Partitioned by key as the shuffle does, any partition count gives the same answer: the kept
+    # copy is the smallest ordinal.
+    from data_prep.minhash import add_partition
+
+    assert duplicates_from_edges(edges_of_partition(rows)) == {30: "minhash_duplicate"}
+    for n in (2, 3, 7):
+        parted = add_partition(rows, n)
+        parts = [edges_of_partition(parted.filter(pa.compute.equal(parted["part"], p))) for p in range(n)]
+        assert duplicates_from_edges(pa.concat_tables(parts)) == {30: "minhash_duplicate"}

@@ -93,7 +93,16 @@ def run(ray_cluster, tmp_path_factory):
     corpus = _make_corpus(root / "raw")
     cfg: PipelineConfig = build_config(
         {
-            "data": {"inputs": [str(root / "raw")], "documents_per_shard": 100},
+            # Synthetic word-salad prose: the language, stop-word and repetition rules would drop
+            # it; those are exercised on real prose in test_clean_quality.py.
+            "data": {
+                "inputs": [str(root / "raw")],
+                "documents_per_shard": 100,
+                "language_filter": False,
+                "gopher_repetition": False,
+                "min_stop_words": 0,
+                "fineweb_filter": False,
+            },
             "tokenizer": {"vocab_size": 400, "val_fraction": 0.1, "shard_size_mb": 0.02},
             "runtime": {"runs_root": str(root / "runs"), "run_name": "t", "num_cpus": 2},
         }

@@ -1,0 +1,47 @@
+"""Language identification with py3langid (the langid.py model ships inside the wheel).
+
+The model takes about half a second to load, so it is loaded once per worker process and shared
+by every batch that process cleans.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from data_prep.quality import DocStats, Filter
+
+
+@lru_cache(maxsize=1)
+def _identifier():
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    # norm_probs: scores are probabilities in [0, 1], so a threshold means the same for every text.
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def identify(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability). Newlines are spaces to the model (as in datatrove)."""
+    lang, score = _identifier().classify(text.replace("\n", " "))
+    return str(lang), float(score)
+
+
+class LanguageFilter(Filter):
+    """Keep documents whose most likely language is in ``keep`` with probability >= ``threshold``.
+
+    An empty ``keep`` keeps every language (the language is still recorded).
+    """
+
+    name = "language"
+
+    def __init__(self, keep: list[str], threshold: float) -> None:
+        self.keep = set(keep)
+        self.threshold = threshold
+
+    def check(self, text: str, stats: DocStats) -> str | None:
+        lang, score = identify(text)
+        stats.language, stats.language_score = lang, score
+        if self.keep and lang not in self.keep:
+            return lang
+        if score < self.threshold:
+            return "low_score"
+        return None
