@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR ?= $(PRETRAIN_PIPELINE_STATE)/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 export DO_NOT_TRACK = 1
 
-.PHONY: setup smoke test test-fast pretrain run server deploy lock clean-runs help
+.PHONY: setup smoke test test-fast pretrain run server deploy lock clean-runs help bench-setup bench-clean
 
 help:
 	@echo "make smoke     whole pipeline on CPU on a bundled sample corpus (runs/smoke/)"
@@ -62,6 +62,15 @@ server: $(STAMP)
 # Serve the deployments (needs `make server` running); the UI's Run button then starts them here.
 deploy: $(STAMP)
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(BIN)/python -m flows.deploy --config $(CONFIG) $(ARGS)
+
+# Benchmarks print ratios against a baseline measured in the same run; never part of `make test`.
+bench-setup: $(STAMP)
+	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev,onnx,eval,bench]'
+
+bench-clean: bench-setup
+	$(BIN)/python bench/clean/run.py --mode filters --docs 8000 --cores 2
+	$(BIN)/python bench/clean/run.py --mode minhash --docs 8000 --cores 2
+	$(BIN)/python bench/clean/run.py --mode scale --docs 4000 --cores 2
 
 lock: $(STAMP)
 	{ head -n 3 requirements/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu//' | sort -f; } > requirements/constraints.txt.new

@@ -64,10 +64,10 @@ def two_node_cluster():
     token = Path(temp_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
+    # Only this cluster's processes and drivers get the token: Ray keeps auth state per process,
+    # and the pytest process itself starts local (token-less) Rays in other tests.
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    saved = {k: os.environ.get(k) for k in auth}
-    os.environ.update(auth)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
     head = [
         RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
         "--num-cpus", "1", "--resources", '{"head_node": 1}', "--temp-dir", temp_dir,
@@ -81,46 +81,41 @@ def two_node_cluster():
     try:
         subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
         subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
-        import ray
-
-        ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
-        deadline = time.time() + 60
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.time() < deadline:
-            time.sleep(1)
-        assert len([n for n in ray.nodes() if n["Alive"]]) == 2, "worker node did not join"
-        ray.shutdown()
-        yield f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}"
+        wait_for_two = (
+            "import ray, time; ray.init(address='127.0.0.1:%d', log_to_driver=False)\n"
+            "deadline = time.time() + 60\n"
+            "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() < deadline: time.sleep(1)\n"
+            "assert len([n for n in ray.nodes() if n['Alive']]) == 2, 'worker node did not join'\n"
+        ) % gcs_port
+        subprocess.run([sys.executable, "-c", wait_for_two], env=env, check=True, capture_output=True, timeout=180)
+        yield f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_data_stages_on_two_nodes_equal_single_node(two_node_cluster, tmp_path):
-    address, dashboard = two_node_cluster
-    env = {
-        **os.environ,
-        "PRETRAIN_PIPELINE_STATE": str(tmp_path / "state"),
-        "PRETRAIN_PIPELINE_QUIET": "1",
-    }
+    address, dashboard, cluster_env = two_node_cluster
+    env = {**cluster_env, "PRETRAIN_PIPELINE_STATE": str(tmp_path / "state"), "PRETRAIN_PIPELINE_QUIET": "1"}
     env.pop("RAY_ADDRESS", None)
 
     cluster_cfg = _config(tmp_path, "cluster")
     for stage in ("clean", "tokenize"):
         _stage([stage, "--config", str(cluster_cfg), "--ray-address", address], tmp_path, env)
 
-    from ray.util.state import list_tasks
+    count_nodes = (
+        "from ray.util.state import list_tasks\n"
+        f"tasks = list_tasks(address={dashboard!r}, filters=[('state', '=', 'FINISHED')], limit=10000,"
+        " raise_on_missing_output=False)\n"
+        "print(len({t.node_id for t in tasks if t.node_id}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", count_nodes], env=env, check=True, capture_output=True, text=True)
+    nodes_used = int(out.stdout.strip().splitlines()[-1])
+    assert nodes_used == 2, f"tasks ran on {nodes_used} node(s), expected both"
 
-    tasks = list_tasks(address=dashboard, filters=[("state", "=", "FINISHED")], limit=10_000, raise_on_missing_output=False)
-    nodes_used = {t.node_id for t in tasks if t.node_id}
-    assert len(nodes_used) == 2, f"tasks ran on {len(nodes_used)} node(s), expected both"
-
+    local_env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
     single_cfg = _config(tmp_path, "single")
     for stage in ("clean", "tokenize"):
-        _stage([stage, "--config", str(single_cfg), "--set", "runtime.num_cpus=2"], tmp_path, env)
+        _stage([stage, "--config", str(single_cfg), "--set", "runtime.num_cpus=2"], tmp_path, local_env)
 
     cluster, single = tmp_path / "runs" / "cluster", tmp_path / "runs" / "single"
     parts = sorted(p.name for p in (single / "clean").glob("part-*.parquet"))
