@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR ?= $(PRETRAIN_PIPELINE_STATE)/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 export DO_NOT_TRACK = 1
 
-.PHONY: setup smoke test test-fast pretrain run server deploy lock clean-runs help bench-setup bench-clean
+.PHONY: setup smoke test test-fast pretrain run server deploy lock clean-runs help bench-setup bench-clean browser bench-tokenize
 
 help:
 	@echo "make smoke     whole pipeline on CPU on a bundled sample corpus (runs/smoke/)"
@@ -50,7 +50,13 @@ run: $(STAMP)
 pretrain: $(STAMP)
 	$(BIN)/pretrain-pipeline run --config configs/gpt2-124m.yaml $(ARGS)
 
-test: $(STAMP)
+# The UI test drives Debian's Chromium; install it when we can (root with apt), else that test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: chromium not installed; the browser test will be skipped"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
@@ -71,6 +77,9 @@ bench-clean: bench-setup
 	$(BIN)/python bench/clean/run.py --mode filters --docs 8000 --cores 2
 	$(BIN)/python bench/clean/run.py --mode minhash --docs 8000 --cores 2
 	$(BIN)/python bench/clean/run.py --mode scale --docs 4000 --cores 2
+
+bench-tokenize: $(STAMP)
+	$(BIN)/python bench/tokenize/run.py --mb 32 --cores 2
 
 lock: $(STAMP)
 	{ head -n 3 requirements/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu//' | sort -f; } > requirements/constraints.txt.new

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,6 @@ from data_prep.ray_runtime import available_cpus, ray_session
 from data_prep.tokenizer import EOS_ID, MODEL_FILE, clean_parts, clean_stage_fingerprint
 from pretrain_pipeline.artifacts import (
     RunPaths,
-    atomic_path,
     atomic_write_json,
     fingerprint,
     mark_stage_done,
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 FORMAT = "arrow-ipc-stream"
 TOKEN_COLUMN = "input_ids"
 SPLITS = ("train", "val")
+PROGRESS_DIR = ".done"  # per-shard completion records inside the work directory
 
 
 @dataclass
@@ -137,7 +138,9 @@ class Encoder:
 class ShardWriter:
     """Buffers one split's rows and writes a shard (one record batch) every ~``target_bytes``."""
 
-    def __init__(self, out_dir: Path, split: str, schema: pa.Schema, target_bytes: int) -> None:
+    def __init__(
+        self, out_dir: Path, split: str, schema: pa.Schema, target_bytes: int, finished: dict[str, dict] | None = None
+    ) -> None:
         self.out_dir = out_dir
         self.split = split
         self.schema = schema
@@ -145,6 +148,11 @@ class ShardWriter:
         self.pending: list[pa.Table] = []
         self.pending_bytes = 0
         self.shards: list[dict[str, Any]] = []
+        # Shards a crashed earlier attempt (same fingerprint) finished: name -> manifest entry.
+        # Shard boundaries are a pure function of the ordered corpus, so shard k of a rerun is
+        # shard k of the crashed run, and an intact one is kept instead of rewritten.
+        self.finished = finished or {}
+        self.reused = 0
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -161,6 +169,11 @@ class ShardWriter:
         self.pending, self.pending_bytes = [], 0
         name = f"{self.split}-{len(self.shards):05d}.arrow"
         path = self.out_dir / name
+        done = self.finished.get(name)
+        if done and done["documents"] == table.num_rows and path.exists() and sha256_file(path) == done["sha256"]:
+            self.shards.append(done)
+            self.reused += 1
+            return
         tmp = path.with_name(f".{name}.tmp")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
             for batch in table.to_batches(max_chunksize=table.num_rows):
@@ -177,6 +190,8 @@ class ShardWriter:
                 "sha256": sha256_file(path),
             }
         )
+        # The completion record is written after the rename: a record always names a whole shard.
+        atomic_write_json(self.out_dir / PROGRESS_DIR / f"{name}.json", self.shards[-1])
 
 
 def _split_table(table: pa.Table, splits: Iterable[str]) -> dict[str, pa.Table]:
@@ -199,6 +214,27 @@ def _clean_ids(parts: list[Path]) -> list[str]:
 
 def shards_fingerprint(cfg: PipelineConfig, tokenizer_sha256: str, clean_fp: str) -> str:
     return fingerprint("shards", cfg.tokenizer.model_dump(mode="json"), tokenizer_sha256, clean_fp)
+
+
+FINGERPRINT_FILE = ".fingerprint"
+
+
+def _finished_shards(work: Path, fp: str) -> dict[str, dict[str, Any]]:
+    """Completion records left in ``work`` by an interrupted run with the same fingerprint.
+
+    Anything else there (another fingerprint, unrecorded or half-written files) is discarded.
+    """
+    if work.exists() and (
+        not (work / FINGERPRINT_FILE).exists() or (work / FINGERPRINT_FILE).read_text().strip() != fp
+    ):
+        shutil.rmtree(work)
+    (work / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+    (work / FINGERPRINT_FILE).write_text(fp + "\n")
+    records = {p.name[: -len(".json")]: read_json(p) for p in (work / PROGRESS_DIR).glob("*.arrow.json")}
+    for stray in work.iterdir():
+        if stray.is_file() and stray.name not in records and stray.name != FINGERPRINT_FILE:
+            stray.unlink()
+    return records
 
 
 def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ShardsResult:
@@ -239,9 +275,13 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
 
     import ray
 
-    with ray_session(cfg.runtime), atomic_path(paths.shards) as tmp:
-        tmp.mkdir(parents=True)
-        writers = {s: ShardWriter(tmp, s, schema, target_bytes) for s in SPLITS}
+    # Shards go to a work directory that survives a crash; finished shards are recorded in it, so a
+    # rerun with the same fingerprint writes only the missing ones (it re-encodes, which is
+    # deterministic, to find the shard boundaries). On success the directory is renamed into place.
+    tmp = paths.shards.with_name(f".{paths.shards.name}.partial")
+    finished = _finished_shards(tmp, fp)
+    with ray_session(cfg.runtime):
+        writers = {s: ShardWriter(tmp, s, schema, target_bytes, finished) for s in SPLITS}
         items = [
             {"part": str(p), "row_group": g} for p in parts for g in range(pq.ParquetFile(p).num_row_groups)
         ]
@@ -286,6 +326,14 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
             "totals": {s: _totals(writers[s].shards) for s in SPLITS},
         }
         atomic_write_json(tmp / "manifest.json", manifest)
+        shutil.rmtree(tmp / PROGRESS_DIR)
+        (tmp / FINGERPRINT_FILE).unlink()
+        reused = sum(w.reused for w in writers.values())
+        if reused:
+            log.info("shards: resumed, kept %d finished shard(s) from an interrupted run", reused)
+        if paths.shards.exists():
+            shutil.rmtree(paths.shards)
+        os.replace(tmp, paths.shards)
 
     totals = manifest["totals"]
     result = ShardsResult(

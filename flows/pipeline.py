@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pretrain_pipeline import stages
@@ -46,6 +47,61 @@ def _markdown_summary(stage: str, cfg: PipelineConfig, result: dict[str, Any]) -
     )
 
 
+def _filter_funnel(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Documents in, what each filter dropped, what was kept: the clean stage at a glance."""
+    docs_in = result.get("docs_in") or 0
+    rows = [{"step": "documents in", "documents": docs_in}]
+    rows += [{"step": f"dropped: {reason}", "documents": n} for reason, n in sorted((result.get("dropped") or {}).items())]
+    rows.append({"step": "quarantined (bad input)", "documents": result.get("quarantined", 0)})
+    rows.append({"step": "kept", "documents": result.get("kept", 0)})
+    for row in rows:
+        row["share"] = f"{row['documents'] / docs_in:.1%}" if docs_in else "-"
+    return rows
+
+
+def _manifest_summary(manifest_path: Path) -> list[dict[str, Any]]:
+    """Per split: shard files, documents, tokens and text bytes from the shard manifest."""
+    manifest = json.loads(manifest_path.read_text())
+    return [{"split": split, **totals} for split, totals in manifest.get("totals", {}).items()]
+
+
+def _stage_extras(stage: str, cfg: PipelineConfig, result: dict[str, Any]) -> None:
+    """Tables and links next to the markdown summary; keys are stable per run so the UI's
+    Artifacts page shows their history across reruns."""
+    run = cfg.runtime.run_name
+    if stage == "clean":
+        create_table_artifact(
+            key=_artifact_key(run, "filter-funnel"), table=_filter_funnel(result),
+            description=f"Filter funnel of run {run}",
+        )
+    elif stage == "tokenize":
+        manifest = Path(result.get("shards", {}).get("manifest_path") or cfg.run_dir() / "shards" / "manifest.json")
+        if manifest.exists():
+            create_table_artifact(
+                key=_artifact_key(run, "shard-manifest"), table=_manifest_summary(manifest),
+                description=f"Shard manifest summary of run {run} ({manifest})",
+            )
+    elif stage == "train":
+        run_dir = cfg.run_dir().resolve()
+        create_link_artifact(
+            key=_artifact_key(run, "run-dir"), link=run_dir.as_uri(), link_text=str(run_dir),
+            description=f"Run directory of {run}: config, checkpoints, metrics, report",
+        )
+        if result.get("wandb_dir"):
+            wandb_dir = Path(result["wandb_dir"]).resolve()
+            create_link_artifact(
+                key=_artifact_key(run, "wandb"), link=wandb_dir.as_uri(), link_text=str(wandb_dir),
+                description=f"W&B run {result.get('wandb_run_id')} (offline: `wandb sync {wandb_dir}`)",
+            )
+    elif stage == "evaluate":
+        metrics = {k: result.get(k) for k in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "checkpoint_tag")}
+        create_table_artifact(
+            key=_artifact_key(run, "final-metrics"),
+            table=[{"metric": k, "value": v} for k, v in metrics.items()],
+            description=f"Held-out metrics of run {run}",
+        )
+
+
 def _run_stage(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
     logger = get_run_logger()
     result = stages.STAGE_FUNCTIONS[stage](cfg, force=force, log=logger.info)
@@ -54,6 +110,7 @@ def _run_stage(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
         markdown=_markdown_summary(stage, cfg, result),
         description=f"{stage} stage of run {cfg.runtime.run_name}",
     )
+    _stage_extras(stage, cfg, result)
     return result
 
 

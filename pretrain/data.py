@@ -207,3 +207,102 @@ class ShardDataset:
         for b in range(min(n_batches, len(order) // mb)):
             idx = order[b * mb : (b + 1) * mb]
             yield windows_to_batch([self.stream.slice(int(i) * bs, int(i) * bs + bs + 1) for i in idx])
+
+
+class MixtureDataset:
+    """Batches drawn from several named datasets by weight (Megatron blends, llm-foundry streams).
+
+    Each source is its own ``ShardDataset`` walk; which source serves step ``k`` is a pure function
+    of (seed, k), so the state is the step count, the weights and each source's walk. The weights
+    go into ``state_dict`` and a resumed run refuses different ones instead of silently re-mixing.
+    A whole micro-batch comes from one source (same shapes, one stream per step, as Megatron does).
+    """
+
+    def __init__(self, sources: dict[str, ShardDataset], weights: dict[str, float], seed: int = 0):
+        if set(sources) != set(weights) or not sources:
+            raise ValueError(f"mixture weights {sorted(weights)} must name exactly the sources {sorted(sources)}")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+        self.names = sorted(sources)
+        self.sources = sources
+        total = float(sum(weights.values()))
+        self.weights = {n: float(weights[n]) / total for n in self.names}
+        self.seed, self.step = seed, 0
+        self.counts = {n: 0 for n in self.names}
+        self._cdf = np.cumsum([self.weights[n] for n in self.names])
+
+    def source_at(self, step: int) -> str:
+        u = np.random.default_rng([self.seed, step]).random()
+        return self.names[min(int(np.searchsorted(self._cdf, u, side="right")), len(self.names) - 1)]
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        name = self.source_at(self.step)
+        self.step += 1
+        self.counts[name] += 1
+        return self.sources[name].next_batch()
+
+    def realised_proportions(self) -> dict[str, float]:
+        """Share of batches each source served since step 0 (to log next to the configured weights)."""
+        n = max(1, sum(self.counts.values()))
+        return {k: v / n for k, v in self.counts.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mixture": dict(self.weights),
+            "step": self.step,
+            "seed": self.seed,
+            "counts": dict(self.counts),
+            "sources": {n: self.sources[n].state_dict() for n in self.names},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = {k: float(v) for k, v in state["mixture"].items()}
+        if set(saved) != set(self.weights) or any(abs(saved[k] - self.weights[k]) > 1e-9 for k in saved):
+            raise ValueError(f"checkpoint was trained on mixture {saved}, this run is configured with {self.weights}")
+        self.step, self.seed = int(state["step"]), int(state["seed"])
+        self.counts = {k: int(v) for k, v in state["counts"].items()}
+        for n in self.names:
+            self.sources[n].load_state_dict(state["sources"][n])
+
+    def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Evaluation stays per source; a mixture evaluates on its first (sorted) source."""
+        return self.sources[self.names[0]].eval_batches(n_batches)
+
+
+def build_mixture(
+    manifests: dict[str, Manifest | str | Path],
+    weights: dict[str, float],
+    split: str,
+    block_size: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    verify: bool = True,
+) -> MixtureDataset:
+    """One ``ShardDataset`` per named manifest (each source walks with its own derived seed)."""
+    sources = {
+        name: ShardDataset(m, split, block_size, micro_batch_size, rank, world_size, seed + 1000 * i, verify)
+        for i, (name, m) in enumerate(sorted(manifests.items()))
+    }
+    tokenizers = {s.manifest.raw["tokenizer_sha256"] for s in sources.values()}
+    if len(tokenizers) > 1:
+        raise DataIntegrityError(f"mixture sources were encoded with different tokenizers: {sorted(manifests)}")
+    return MixtureDataset(sources, weights, seed)
+
+
+def build_train_loader(cfg, paths, rank: int = 0, world_size: int = 1, verify: bool = False):
+    """The training loader ``cfg.train`` asks for: this run's shards, or a weighted mixture.
+
+    ``cfg.train.data_mixture`` maps run names (``<runs_root>/<name>/shards``; this run's own name
+    means ``paths.shards``) to weights. Both kinds share ``next_batch``/``state_dict``/
+    ``load_state_dict``, and a mixture's state carries its weights, so a resumed run keeps them.
+    """
+    tc, block = cfg.train, cfg.model.block_size
+    if not tc.data_mixture:
+        return ShardDataset(load_manifest(paths.shards), "train", block, tc.micro_batch_size, rank, world_size, tc.seed, verify)
+    runs_root = Path(cfg.runtime.runs_root)
+    manifests = {
+        name: paths.shards if name == cfg.runtime.run_name else runs_root / name / "shards" for name in tc.data_mixture
+    }
+    return build_mixture(manifests, tc.data_mixture, "train", block, tc.micro_batch_size, rank, world_size, tc.seed, verify)

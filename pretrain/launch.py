@@ -69,20 +69,37 @@ def resolve_device(cfg: PipelineConfig) -> str:
 
 
 def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
+    """The launcher command for this node.
+
+    torchrun: ``--standalone`` on one node; static rendezvous (``--nnodes --node_rank --master_addr
+    --master_port``) across nodes, one command per node. deepspeed: a hostfile started from node 0
+    over pdsh, or ``--no_ssh`` with one command per node (Kubernetes, Slurm ``srun``).
+    """
     tc = cfg.train
-    target = ["-m", "pretrain.train", "--run-dir", str(paths.root.resolve())]
+    target = ["--run-dir", str(paths.root.resolve())]
+    rendezvous = ["--master_addr", tc.master_addr, "--master_port", str(tc.master_port)]
     if tc.launcher == "deepspeed":
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+        cmd = [launcher]
+        if tc.hostfile:
+            if not Path(tc.hostfile).is_file():
+                raise FileNotFoundError(f"train.hostfile={tc.hostfile} not found")
+            cmd += ["--hostfile", tc.hostfile]
+        elif tc.nnodes > 1:
+            raise ValueError("train.launcher=deepspeed with train.nnodes > 1 needs train.hostfile")
+        cmd += ["--num_nodes", str(tc.nnodes), "--num_gpus", str(tc.nproc_per_node)]
+        if tc.no_ssh:
+            cmd += ["--no_ssh", "--node_rank", str(tc.node_rank)]
+        if tc.nnodes > 1 or tc.no_ssh:
+            cmd += rendezvous
         # --module: the deepspeed launcher runs "python -m" on what follows.
-        return [launcher, "--num_nodes", str(tc.nnodes), "--num_gpus", str(tc.nproc_per_node),
-                "--module", "pretrain.train", "--run-dir", str(paths.root.resolve())]
+        return cmd + ["--module", "pretrain.train", *target]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tc.nproc_per_node)]
     if tc.nnodes == 1:
-        cmd.insert(3, "--standalone")
-    else:  # multi-node: the rendezvous comes from the environment (Slurm/K8s scripts set it)
-        cmd += ["--nnodes", str(tc.nnodes), "--rdzv_backend", "c10d",
-                "--rdzv_endpoint", os.environ.get("PRETRAIN_RDZV_ENDPOINT", "localhost:29500")]
-    return cmd + target
+        cmd.append("--standalone")
+    else:  # static rendezvous: every node is told the same master and its own rank
+        cmd += ["--nnodes", str(tc.nnodes), "--node_rank", str(tc.node_rank), *rendezvous]
+    return cmd + ["-m", "pretrain.train", *target]
 
 
 def build_env(cfg: PipelineConfig) -> dict[str, str]:
@@ -151,11 +168,21 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
         record = read_stage_record(paths.train) or {}
         log(f"train: current (fingerprint {fp[:12]}), skipping")
         return TrainResult(**{**record.get("result", {}), "skipped": True})
+    # Only node 0 owns the run directory (config, checkpoints, stage record); other nodes share it
+    # (or hold a copy) and just start their ranks.
+    leader = cfg.train.node_rank == 0
+    # Refuse a run that cannot fit before any process starts (and before config.yaml changes).
+    from pretrain.plan import check_fits, make_plan, plan_vocab_size
+
+    plan = make_plan(cfg, plan_vocab_size(cfg, paths))
+    check_fits(plan)
+    for line in plan.lines():
+        log(f"train: plan: {line}")
     # The ranks read config.yaml; make sure it says what this call was given.
     resolved = dump_config(cfg)
-    if not paths.config.exists() or paths.config.read_text() != resolved:
+    if leader and (not paths.config.exists() or paths.config.read_text() != resolved):
         atomic_write_text(paths.config, resolved)
-    if cfg.train.resume == "never" and paths.checkpoints.exists():
+    if leader and cfg.train.resume == "never" and paths.checkpoints.exists():
         # Set aside rather than delete: old tags would otherwise mix with (and be pruned as) new ones.
         aside = paths.root / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
         paths.checkpoints.rename(aside)
@@ -165,7 +192,12 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
     Path(env["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
     cmd = build_command(cfg, paths)
     log("train: " + " ".join(cmd))
-    run_streaming(cmd, env, paths.train / "launcher.log", log, cwd=Path(__file__).resolve().parent.parent)
+    log_name = "launcher.log" if leader else f"launcher-node{cfg.train.node_rank}.log"
+    run_streaming(cmd, env, paths.train / log_name, log, cwd=Path(__file__).resolve().parent.parent)
+    if not leader:
+        # Global rank 0 (on node 0) writes the summary and node 0's launcher the stage record.
+        return TrainResult(checkpoint_dir=str(paths.checkpoints), last_tag=None, final_loss=None,
+                           steps=cfg.train.max_steps)
 
     summary = read_json(paths.train / "summary.json")
     if not summary.get("completed"):

@@ -51,6 +51,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def memory_metrics(device: str) -> dict[str, float]:
+    """Peak memory this rank has used: CUDA allocator peak on GPU, process max RSS on CPU."""
+    if device.startswith("cuda"):
+        return {
+            "memory/max_allocated_gb": torch.cuda.max_memory_allocated() / 1024**3,
+            "memory/max_reserved_gb": torch.cuda.max_memory_reserved() / 1024**3,
+        }
+    import resource
+
+    return {"memory/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}  # KiB on Linux
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; checked between steps so a checkpoint is never half-taken."""
 
@@ -151,12 +163,20 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
             run_name=cfg.runtime.run_name,
         )
         wandb_id = tracker.run_id
+        from pretrain.plan import make_plan
+
+        for line in make_plan(cfg, manifest.vocab_size, world).lines():
+            print(f"[pretrain] plan: {line}", flush=True)
         print(
             f"[pretrain] {model.num_params():,} params, world {world}, device {device}, "
             f"zero {tc.zero_stage}, {tc.precision}, steps {step}->{tc.max_steps}",
             flush=True,
         )
 
+    from pretrain.plan import mfu, peak_flops
+
+    peak = peak_flops(tc.peak_tflops) if device.startswith("cuda") else (tc.peak_tflops * 1e12 or None)
+    flops_per_token = model.flops_per_token()
     tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.model.block_size * world
     last_saved = -1
 
@@ -214,7 +234,10 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
                 "train/grad_norm": engine.grad_norm(),
                 "train/tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
                 "train/tokens_seen": tokens_seen,
+                **memory_metrics(device),
             }
+            if peak and metrics["train/tokens_per_s"]:
+                metrics["train/mfu"] = mfu(metrics["train/tokens_per_s"], flops_per_token, world, peak)
             if tracker:
                 tracker.log(metrics, step)
                 print(f"[pretrain] step {step} loss {last_loss:.4f} lr {lr:.2e}", flush=True)

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(Re)write runs/<name>/report.md from the run's outputs.")
     _add_common(p)
 
+    p = sub.add_parser("plan", help="Parameters, per-rank memory, FLOPs/token and ETA for the training config.")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="Print the plan as JSON.")
+
     p = sub.add_parser("config", help="Validate and print the resolved config.")
     _add_common(p)
     p.add_argument("--schema", action="store_true", help="Print the JSON schema instead.")
@@ -89,6 +93,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "config":
         print(dump_config(cfg), end="")
+        return 0
+
+    if args.command == "plan":
+        from pretrain.plan import make_plan, plan_vocab_size
+        from pretrain_pipeline.artifacts import RunPaths
+
+        plan = make_plan(cfg, plan_vocab_size(cfg, RunPaths(cfg.run_dir())))
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else "\n".join(plan.lines()))
+        if not plan.fits:
+            print(f"error: does not fit in train.device_memory_gb={cfg.train.device_memory_gb:g}", file=sys.stderr)
+            return 3
         return 0
 
     configure_environment()

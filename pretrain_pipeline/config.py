@@ -192,9 +192,34 @@ class TrainConfig(Section):
     nproc_per_node: int = Field(1, ge=1, description="Training processes per node (GPUs, or CPU ranks).")
     nnodes: int = Field(1, ge=1)
     launcher: Literal["torchrun", "deepspeed"] = Field("torchrun", description="How ranks are started.")
+    node_rank: int = Field(0, ge=0, description="This node's index (multi-node; 0 writes the stage records).")
+    master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node rendezvous).")
+    master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on node 0.")
+    hostfile: str | None = Field(
+        None, description="DeepSpeed hostfile (`host slots=N` lines); without no_ssh, pdsh starts every node."
+    )
+    no_ssh: bool = Field(False, description="DeepSpeed launcher: one command per node (Kubernetes/Slurm), no pdsh.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     seed: int = 1337
     resume: Literal["auto", "never"] = Field("auto", description="auto = continue from the latest checkpoint.")
+    device_memory_gb: float = Field(
+        0.0, ge=0, description="Per-device memory for the pre-launch plan; a run that needs more is refused. 0 = no check."
+    )
+    peak_tflops: float = Field(
+        0.0, ge=0, description="Per-device peak dense TFLOP/s for MFU. 0 = by GPU name (A100/H100/H200 bf16 dense)."
+    )
+    planned_mfu: float = Field(0.4, gt=0, le=1, description="MFU assumed by the plan's time estimate.")
+    data_mixture: dict[str, float] = Field(
+        default_factory=dict,
+        description="Named datasets mixed by weight: run name under runs_root -> weight (its shards/ must share "
+        "this run's tokenizer). Empty = this run's shards only.",
+    )
+
+    @model_validator(mode="after")
+    def _check_nodes(self) -> "TrainConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.node_rank={self.node_rank} must be < train.nnodes={self.nnodes}")
+        return self
 
 
 class EvalConfig(Section):

@@ -245,18 +245,19 @@ def test_prune_keeps_newest(tmp_path):
 def test_gpt2_mapping_reproduces_logits(tmp_path, variant):
     from transformers import GPT2LMHeadModel
 
-    from pretrain.export import gpt2_config, to_gpt2_state_dict, verify_export
+    from pretrain.export import verify_export
+    from pretrain.hf_convert import hf_config, to_hf_state_dict
 
     torch.manual_seed(0)
     model = GPT(tiny(**variant), vocab_size=80).eval()
-    hf = GPT2LMHeadModel(gpt2_config(model, 1, 2, 3))
-    hf.load_state_dict(to_gpt2_state_dict(model), strict=False)
+    hf = GPT2LMHeadModel(hf_config(model, 1, 2, 3))
+    hf.load_state_dict(to_hf_state_dict(model), strict=False)
     hf.tie_weights()
     hf.save_pretrained(tmp_path / "ok")
     sample = torch.randint(0, 80, (2, 16))
     assert verify_export(tmp_path / "ok", model, sample) < 1e-4
     # A mapping that forgets the Conv1D transpose (square here, so it loads) must be caught.
-    bad = to_gpt2_state_dict(model)
+    bad = to_hf_state_dict(model)
     bad["transformer.h.0.attn.c_proj.weight"] = model.transformer.h[0].attn.c_proj.weight.detach().clone()
     hf.load_state_dict(bad, strict=False)
     hf.save_pretrained(tmp_path / "bad")
@@ -264,12 +265,13 @@ def test_gpt2_mapping_reproduces_logits(tmp_path, variant):
         verify_export(tmp_path / "bad", model, sample)
 
 
-def test_export_refuses_non_gpt2_models():
-    from pretrain.export import check_gpt2_compatible
+def test_export_refuses_models_no_transformers_class_matches():
+    from pretrain.hf_convert import hf_family
 
-    check_gpt2_compatible(tiny())
+    assert hf_family(tiny()) == "gpt2"
+    assert hf_family(tiny(position="rope", norm="rmsnorm", mlp="swiglu")) == "llama"
     with pytest.raises(NotImplementedError, match="rope"):
-        check_gpt2_compatible(tiny(position="rope"))
+        hf_family(tiny(position="rope"))
 
 
 def test_hf_tokenizer_matches_sentencepiece(run_dir, tmp_path):

@@ -1,0 +1,134 @@
+"""Before launch: parameters, per-rank memory by ZeRO stage, FLOPs/token, steps and ETA.
+
+The memory model is the ZeRO paper's (Rajbhandari et al. 2020, section 3) with mixed precision:
+16-bit weights and grads (2 + 2 bytes/param) and fp32 master + Adam m, v (12 bytes/param); fp32
+training keeps 4 + 4 + 8. Stage 1 shards the optimizer states, 2 also the grads, 3 also the weights.
+Activations follow Korthikanti et al. 2022 (34·s·b·h bytes per layer in 16-bit without the
+attention-score term, which SDPA's fused kernels do not materialise), plus the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from pretrain_pipeline.config import PipelineConfig
+
+GiB = 1024**3
+# Dense bf16 tensor-core peaks (no sparsity), per device.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+def peak_flops(configured_tflops: float = 0.0, device_name: str | None = None) -> float | None:
+    """Per-device peak FLOP/s: the configured value, else by GPU name; None when unknown (CPU)."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if device_name is None and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if device_name and key in device_name.upper():
+            return tflops * 1e12
+    return None
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the cluster's peak."""
+    return tokens_per_s * flops_per_token / (world_size * peak)
+
+
+@dataclass
+class Plan:
+    params: int
+    params_total: int
+    flops_per_token: int
+    world_size: int
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    total_gb: float
+    tokens_per_step: int
+    steps: int
+    tokens: int
+    eta_hours: float | None
+    device_memory_gb: float
+    fits: bool
+
+    def lines(self) -> list[str]:
+        eta = f"{self.eta_hours:.2f} h" if self.eta_hours is not None else "n/a (no peak FLOP/s known for this device)"
+        return [
+            f"params {self.params:,} (non-embedding), {self.params_total:,} total; "
+            f"FLOPs/token {self.flops_per_token:,}; world size {self.world_size}",
+            f"per-rank memory GiB: weights {self.weights_gb:.3f}, grads {self.grads_gb:.3f}, "
+            f"optimizer {self.optimizer_gb:.3f}, activations {self.activations_gb:.3f}, total {self.total_gb:.3f}"
+            + (f" of {self.device_memory_gb:g}" if self.device_memory_gb else ""),
+            f"{self.steps} steps x {self.tokens_per_step:,} tokens = {self.tokens:,} tokens; ETA {eta}",
+        ]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def count_params(cfg: PipelineConfig, vocab_size: int) -> tuple[int, int, int]:
+    """(non-embedding params, total params, FLOPs/token) from a meta-device model: exact, allocation-free."""
+    from pretrain.model import GPT, resolve_vocab_size
+
+    with torch.device("meta"):
+        model = GPT(cfg.model, resolve_vocab_size(cfg.model, vocab_size))
+    return model.num_params(), model.num_params(non_embedding=False), model.flops_per_token()
+
+
+def make_plan(cfg: PipelineConfig, vocab_size: int, world_size: int | None = None) -> Plan:
+    tc, mc = cfg.train, cfg.model
+    world = world_size or tc.nproc_per_node * tc.nnodes
+    n, n_total, fpt = count_params(cfg, vocab_size)
+    half = tc.precision in ("bf16", "fp16")
+    w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 8)
+    weights = n_total * w_bytes / (world if tc.zero_stage >= 3 else 1)
+    grads = n_total * g_bytes / (world if tc.zero_stage >= 2 else 1)
+    optim = n_total * o_bytes / (world if tc.zero_stage >= 1 else 1)
+    if tc.offload_optimizer:
+        optim = 0.0
+    if tc.offload_param and tc.zero_stage == 3:
+        weights = 0.0
+    s, b, h, L = mc.block_size, tc.micro_batch_size, mc.n_embd, mc.n_layer
+    act_unit = 1 if half else 2  # the 34sbh formula counts 16-bit activations
+    per_layer = 34 * s * b * h * act_unit
+    # Activation checkpointing keeps each layer's input and recomputes one layer at a time.
+    layers = (L * 2 * s * b * h * act_unit + per_layer) if tc.activation_checkpointing else L * per_layer
+    from pretrain.model import resolve_vocab_size
+
+    logits = 2 * s * b * resolve_vocab_size(mc, vocab_size) * 4  # logits + their grad, fp32
+    activations = layers + logits
+    total = weights + grads + optim + activations
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * mc.block_size * world
+    tokens = tokens_per_step * tc.max_steps
+    peak = peak_flops(tc.peak_tflops)
+    eta = tokens * fpt / (world * peak * tc.planned_mfu) / 3600 if peak else None
+    return Plan(
+        params=n, params_total=n_total, flops_per_token=fpt, world_size=world,
+        weights_gb=weights / GiB, grads_gb=grads / GiB, optimizer_gb=optim / GiB, activations_gb=activations / GiB,
+        total_gb=total / GiB, tokens_per_step=tokens_per_step, steps=tc.max_steps, tokens=tokens, eta_hours=eta,
+        device_memory_gb=tc.device_memory_gb, fits=not tc.device_memory_gb or total / GiB <= tc.device_memory_gb,
+    )
+
+
+def plan_vocab_size(cfg: PipelineConfig, paths=None) -> int:
+    """The vocabulary the model will have: the shards' manifest when they exist, else the tokenizer config."""
+    if paths is not None and (paths.shards / "manifest.json").exists():
+        from pretrain_pipeline.artifacts import read_json
+
+        return int(read_json(paths.shards / "manifest.json")["vocab_size"])
+    return cfg.tokenizer.vocab_size
+
+
+class PlanDoesNotFit(RuntimeError):
+    pass
+
+
+def check_fits(plan: Plan) -> None:
+    if not plan.fits:
+        raise PlanDoesNotFit(
+            "refusing to launch: per-rank memory estimate exceeds train.device_memory_gb\n  " + "\n  ".join(plan.lines())
+        )

@@ -1,0 +1,101 @@
+"""Shard writing resumes after a crash: only missing shards are written, the result is identical."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep import shards as shards_mod
+from data_prep.shards import write_shards
+from data_prep.tokenizer import train_tokenizer
+from pretrain_pipeline.artifacts import RunPaths, mark_stage_done, read_json, sha256_file
+from pretrain_pipeline.config import PipelineConfig, RuntimeConfig
+
+
+def _docstrings() -> list[str]:
+    docs = []
+    for name in ["argparse", "collections", "csv", "datetime", "json", "logging", "pathlib", "re",
+                 "shutil", "subprocess", "textwrap", "typing", "unittest", "inspect", "difflib"]:
+        mod = importlib.import_module(name)
+        docs += [d for d in [mod.__doc__, *(getattr(v, "__doc__", None) for v in vars(mod).values())]
+                 if isinstance(d, str) and len(d) > 40]
+    return list(dict.fromkeys(docs))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    from data_prep.ray_runtime import ray_session
+
+    old = {k: os.environ.get(k) for k in ("PRETRAIN_PIPELINE_STATE", "PRETRAIN_PIPELINE_QUIET")}
+    os.environ["PRETRAIN_PIPELINE_STATE"] = str(tmp_path_factory.mktemp("state"))
+    os.environ["PRETRAIN_PIPELINE_QUIET"] = "1"
+    try:
+        with ray_session(RuntimeConfig(num_cpus=2)):
+            yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _files(d):
+    return {p.name: sha256_file(p) for p in sorted(d.glob("*.arrow"))}
+
+
+def test_rerun_after_crash_writes_only_missing_shards(ray_cluster, tmp_path, monkeypatch):
+    # A clean stage output (as clean.py leaves it), then the real tokenizer stage.
+    paths = RunPaths(tmp_path / "run")
+    paths.clean.mkdir(parents=True)
+    docs = _docstrings()
+    for p in range(3):
+        chunk = docs[p::3]
+        ids = [f"d{p}-{i:05d}" for i in range(len(chunk))]
+        pq.write_table(pa.table({"id": ids, "text": chunk}), paths.clean / f"part-{p:05d}.parquet", row_group_size=40)
+    mark_stage_done(paths.clean, "resume-test", {"documents": len(docs)})
+    cfg = PipelineConfig.model_validate(
+        {"tokenizer": {"vocab_size": 500, "val_fraction": 0.1, "shard_size_mb": 0.02},
+         "runtime": {"num_cpus": 2}, "data": {"sample_corpus": True}}
+    )
+    train_tokenizer(cfg, paths)
+
+    write_shards(cfg, paths)
+    reference, ref_manifest = _files(paths.shards), read_json(paths.shards / "manifest.json")
+    assert len(ref_manifest["splits"]["train"]) >= 4
+
+    # Crash on the 4th shard (after 3 finished ones): the completed shards/ of run 1 stay untouched.
+    real_flush, calls = shards_mod.ShardWriter.flush, []
+
+    def crashing_flush(self):
+        if self.pending and self.split == "train":
+            calls.append(1)
+            if len(calls) == 4:
+                raise RuntimeError("injected crash")
+        real_flush(self)
+
+    monkeypatch.setattr(shards_mod.ShardWriter, "flush", crashing_flush)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        write_shards(cfg, paths, force=True)
+    monkeypatch.setattr(shards_mod.ShardWriter, "flush", real_flush)
+    assert _files(paths.shards) == reference
+    work = paths.shards.with_name(".shards.partial")
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in work.glob("*.arrow")}
+    assert sorted(finished) == ["train-00000.arrow", "train-00001.arrow", "train-00002.arrow"]
+    (work / ".train-00003.arrow.tmp").write_bytes(b"half a shard")  # what a kill -9 mid-write leaves
+    # A finished shard damaged after its record was written is rewritten, not trusted.
+    (work / "train-00002.arrow").write_bytes(b"garbage")
+    del finished["train-00002.arrow"]
+
+    res = write_shards(cfg, paths, force=True)
+    assert not res.skipped and not work.exists()
+    assert _files(paths.shards) == reference
+    assert read_json(paths.shards / "manifest.json") == ref_manifest
+    for name, (ino, mtime) in finished.items():  # kept, not rewritten
+        st = (paths.shards / name).stat()
+        assert (st.st_ino, st.st_mtime_ns) == (ino, mtime)
+    assert sorted(p.name for p in paths.shards.iterdir() if p.name.startswith(".")) == []

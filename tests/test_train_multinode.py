@@ -1,0 +1,131 @@
+"""Multi-node launch: the commands each launcher gets, and a real two-"node" run on 127.0.0.1.
+
+The two nodes are two torchrun launchers (static rendezvous, 1 CPU rank each, gloo) started as
+separate commands, exactly as Slurm's ``srun`` or a Kubernetes pod per node would start them; their
+per-step losses must equal a one-node 2-process run with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from pretrain.launch import build_command, train
+from pretrain.synthetic import make_synthetic_run
+from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, read_stage_record
+from pretrain_pipeline.config import build_config, dump_config
+
+
+def make_cfg(root: Path, **train_overrides):
+    return build_config(
+        {
+            "data": {"sample_corpus": True},
+            "tokenizer": {"vocab_size": 320},
+            "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
+            "train": {
+                "zero_stage": 1, "nproc_per_node": 2, "micro_batch_size": 4, "grad_accum_steps": 1,
+                "max_steps": 6, "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4, "log_every": 1,
+                "eval_every": 100, "eval_batches": 1, "checkpoint_every": 100, "device": "cpu",
+                **train_overrides,
+            },
+            "tracking": {"wandb_mode": "disabled"},
+            "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
+        }
+    )
+
+
+# --- commands (no processes) -------------------------------------------------------------------
+
+def test_single_node_torchrun_is_standalone(tmp_path):
+    cmd = build_command(make_cfg(tmp_path / "r"), RunPaths(tmp_path / "r"))
+    assert "--standalone" in cmd and "--node_rank" not in cmd
+    assert cmd[cmd.index("-m", 3) + 1] == "pretrain.train"
+
+
+def test_multi_node_torchrun_uses_static_rendezvous(tmp_path):
+    cfg = make_cfg(tmp_path / "r", nnodes=4, node_rank=2, master_addr="10.0.0.1", master_port=29555)
+    cmd = build_command(cfg, RunPaths(tmp_path / "r"))
+    assert "--standalone" not in cmd
+    flags = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+    assert flags["--nnodes"] == "4" and flags["--node_rank"] == "2"
+    assert flags["--master_addr"] == "10.0.0.1" and flags["--master_port"] == "29555"
+
+
+def test_deepspeed_hostfile_pdsh_and_no_ssh(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8\n")
+    pdsh = build_command(make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2, hostfile=str(hostfile),
+                                  master_addr="node-a"), RunPaths(tmp_path / "r"))
+    assert pdsh[pdsh.index("--hostfile") + 1] == str(hostfile) and "--no_ssh" not in pdsh
+    assert pdsh[pdsh.index("--master_addr") + 1] == "node-a"
+    per_node = build_command(make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2, hostfile=str(hostfile),
+                                      no_ssh=True, node_rank=1, master_addr="node-a"), RunPaths(tmp_path / "r"))
+    assert "--no_ssh" in per_node and per_node[per_node.index("--node_rank") + 1] == "1"
+    # Options go to the launcher, before the module it runs.
+    assert per_node.index("--no_ssh") < per_node.index("--module")
+
+
+def test_bad_multi_node_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="node_rank"):
+        make_cfg(tmp_path / "r", nnodes=2, node_rank=2)
+    with pytest.raises(ValueError, match="hostfile"):
+        build_command(make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2), RunPaths(tmp_path / "r"))
+    with pytest.raises(FileNotFoundError, match="hostfile"):
+        build_command(make_cfg(tmp_path / "r", launcher="deepspeed", hostfile=str(tmp_path / "nope")),
+                      RunPaths(tmp_path / "r"))
+
+
+# --- a real two-node run ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(paths: RunPaths) -> dict[int, float]:
+    records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.mark.integration
+def test_two_nodes_match_one_node_two_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
+    one = RunPaths(tmp_path / "runs" / "one")
+    make_synthetic_run(one.root)
+    train(make_cfg(one.root), one, log=lambda _: None)
+
+    two = RunPaths(tmp_path / "runs" / "two")
+    make_synthetic_run(two.root)
+    port = free_port()
+    nodes = [make_cfg(two.root, nproc_per_node=1, nnodes=2, node_rank=r, master_port=port) for r in (0, 1)]
+    # Node 0 writes config.yaml; write it first so node 1's rank never races it (on a cluster the
+    # run directory is prepared before the job starts).
+    atomic_write_text(two.config, dump_config(nodes[0]))
+    results, errors = {}, []
+
+    def node(rank: int) -> None:
+        try:
+            results[rank] = train(nodes[rank], two, log=lambda _: None)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert results[0].steps == 6 and results[0].final_loss is not None
+
+    expected, got = losses(one), losses(two)
+    assert sorted(got) == list(range(1, 7))
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # Only node 0 owns the stage record; node 1 logged to its own file.
+    assert read_stage_record(two.train) is not None
+    assert (two.train / "launcher-node1.log").exists() and os.path.getsize(two.train / "launcher.log") > 0

@@ -1,0 +1,67 @@
+"""The pre-launch plan and the MFU formula, checked against hand counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pretrain.plan import GiB, PlanDoesNotFit, check_fits, make_plan, mfu, peak_flops
+from pretrain_pipeline.config import build_config
+
+
+def cfg(**train):
+    return build_config(
+        {
+            "data": {"sample_corpus": True},
+            "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "vocab_size": 320},
+            "tokenizer": {"vocab_size": 320},
+            "train": {"micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 100, "nproc_per_node": 2, **train},
+        }
+    )
+
+
+def test_param_and_flop_count_by_hand():
+    p = make_plan(cfg(), 320)
+    d, L, V, T = 64, 2, 320, 32
+    # per block: ln1, ln2 (2d each), qkv (3d^2+3d), proj (d^2+d), fc (4d^2+4d), fc-proj (4d^2+d)
+    block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    total = V * d + T * d + L * block + 2 * d  # tied lm_head, final ln
+    assert p.params_total == total and p.params == total - T * d
+    assert p.flops_per_token == 6 * p.params + 12 * L * d * T
+
+
+def test_mfu_hand_count():
+    # 1000 tokens/s * 6e9 FLOPs/token = 6e12 FLOP/s over 2 devices of 10 TFLOP/s -> 30 %.
+    assert mfu(1000.0, 6e9, 2, 10e12) == pytest.approx(0.30)
+    assert peak_flops(0, "NVIDIA H100 80GB HBM3") == 989e12 and peak_flops(0, "NVIDIA A100-SXM4") == 312e12
+    assert peak_flops(0, "NVIDIA H200") == 989e12 and peak_flops(0, "cpu") is None and peak_flops(5, "cpu") == 5e12
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero_stages_shard_memory(precision):
+    plans = {s: make_plan(cfg(zero_stage=s, precision=precision), 320) for s in (0, 1, 2, 3)}
+    n = plans[0].params_total
+    w, g, o = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
+    assert plans[0].weights_gb * GiB == n * w and plans[0].optimizer_gb * GiB == n * o
+    assert plans[1].optimizer_gb == plans[0].optimizer_gb / 2 and plans[1].grads_gb == plans[0].grads_gb
+    assert plans[2].grads_gb == plans[0].grads_gb / 2
+    assert plans[3].weights_gb == plans[0].weights_gb / 2
+    assert plans[3].total_gb < plans[2].total_gb < plans[1].total_gb < plans[0].total_gb
+    assert make_plan(cfg(zero_stage=2, offload_optimizer=True), 320).optimizer_gb == 0
+
+
+def test_tokens_and_refusal():
+    p = make_plan(cfg(peak_tflops=100, planned_mfu=0.5), 320)
+    assert p.tokens_per_step == 4 * 2 * 32 * 2 and p.tokens == 100 * p.tokens_per_step
+    assert p.eta_hours == pytest.approx(p.tokens * p.flops_per_token / (2 * 100e12 * 0.5) / 3600)
+    check_fits(make_plan(cfg(device_memory_gb=80), 320))
+    with pytest.raises(PlanDoesNotFit, match="device_memory_gb"):
+        check_fits(make_plan(cfg(device_memory_gb=1e-6), 320))
+
+
+def test_cli_plan_refuses(capsys):
+    from pretrain_pipeline.cli import main
+
+    assert main(["plan", "-c", str(Path(__file__).resolve().parent.parent / "configs/smoke.yaml"), "--set", "train.device_memory_gb=0.000001", "--set", "model.n_layer=2"]) == 3
+    assert "per-rank memory" in capsys.readouterr().out
