@@ -31,7 +31,9 @@ from pretrain_pipeline.artifacts import (
 )
 from pretrain_pipeline.config import PipelineConfig, dump_config
 
-GRACE_SECONDS = 30.0
+# Below Prefect runner's 30 s between SIGTERM and SIGKILL of a cancelled flow run, so the flow
+# process still lives to SIGKILL the training group if the ranks ignore SIGTERM.
+GRACE_SECONDS = 20.0
 
 
 class TrainingFailed(RuntimeError):
