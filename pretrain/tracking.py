@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+RUN_ID_WAIT_SECONDS = 120.0
 
 
 class Tracker:
@@ -44,7 +48,7 @@ class Tracker:
 
         if cfg.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
             raise RuntimeError("tracking.wandb_mode is online but WANDB_API_KEY is not set in the environment")
-        self._run = wandb.init(
+        kwargs = dict(
             project=cfg.project,
             entity=cfg.entity,
             tags=cfg.tags or None,
@@ -56,6 +60,17 @@ class Tracker:
             resume="allow",
             settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False, disable_git=True),
         )
+        # After a preemption or kill -9, the dead run's W&B service can hold the run id for a while
+        # ("run ID ... is in use"); a resumed run waits for it rather than failing or forking.
+        deadline = time.monotonic() + RUN_ID_WAIT_SECONDS
+        while True:
+            try:
+                self._run = wandb.init(**kwargs)
+                break
+            except Exception as err:  # noqa: BLE001 - wandb raises its own error types per version
+                if "in use" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
 
     @property
     def run_id(self) -> str | None:
