@@ -215,16 +215,34 @@ def test_ui_runs_the_deployment_from_its_form(prefect_stack, client, two_runs, t
             page.get_by_role("button", name="Run", exact=True).first.click()
             page.get_by_text("Custom run").first.click()
             page.wait_for_url("**/run**")
+            before = _deployment_run_ids(client, dep.id)
             page.get_by_role("button", name="Submit", exact=True).click()
-            page.wait_for_url("**/flow-run/**")
+            # The UI may stay on the deployment (with a toast) or open the run; either way the
+            # server must now hold a new run of this deployment, created by the form.
+            deadline = time.monotonic() + 60
+            new: set = set()
+            while not new and time.monotonic() < deadline:
+                time.sleep(1)
+                new = _deployment_run_ids(client, dep.id) - before
+            if not new:
+                page.screenshot(path=str(shot.with_name("prefect-ui-submit-failed.png")), full_page=True)
+            assert len(new) == 1, "submitting the form created no flow run"
+            run_id = new.pop()
+            page.goto(f"{ui}/runs/flow-run/{run_id}")
             expect(page.get_by_text("Completed").first).to_be_visible(timeout=300_000)
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
-    run_id = page.url.rstrip("/").rsplit("/", 1)[-1]
     run = client.read_flow_run(run_id)
     assert run.deployment_id == dep.id and run.state.is_completed(), run.state
     assert shot.stat().st_size > 10_000
+
+
+def _deployment_run_ids(client, deployment_id) -> set:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return {r.id for r in runs}
 
 
 def _training_pids(run_dir: Path) -> set[int]:
