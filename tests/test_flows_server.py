@@ -229,7 +229,12 @@ def test_ui_runs_the_deployment_from_its_form(prefect_stack, client, two_runs, t
             assert len(new) == 1, "submitting the form created no flow run"
             run_id = new.pop()
             page.goto(f"{ui}/runs/flow-run/{run_id}")
-            expect(page.get_by_text("Completed").first).to_be_visible(timeout=300_000)
+            deadline = time.monotonic() + 600
+            while not client.read_flow_run(run_id).state.is_final() and time.monotonic() < deadline:
+                time.sleep(2)
+            page.reload()
+            # The run's state badge (exact text; log lines also say "Completed()").
+            expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=60_000)
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
