@@ -123,24 +123,6 @@ def _make_corpus(root: Path) -> dict:
     return {"base": records, "near": near, "exact": exact, "moji_ids": moji_ids, "pii_ids": pii_ids, "noise": noise, "bad_lines": len(bad)}
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    from data_prep.ray_runtime import ray_session
-
-    old = {k: os.environ.get(k) for k in ("PRETRAIN_PIPELINE_STATE", "PRETRAIN_PIPELINE_QUIET")}
-    os.environ["PRETRAIN_PIPELINE_STATE"] = str(tmp_path_factory.mktemp("state"))
-    os.environ["PRETRAIN_PIPELINE_QUIET"] = "1"
-    try:
-        with ray_session(RuntimeConfig(num_cpus=2)):
-            yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _config(root: Path, name: str) -> PipelineConfig:
     return build_config(
         {
