@@ -32,7 +32,9 @@ def make_cfg(root: Path, **train):
                 "eval_every": 100, "eval_batches": 2, "checkpoint_every": 3, "keep_last_checkpoints": 2,
                 "device": "cpu", "precision": "fp32", "peak_tflops": 1.0, **train,
             },
-            "tracking": {"wandb_mode": "offline"},
+            # W&B off here: after kill -9 the dead run's wandb-core can hold the run id for minutes
+            # ("run ID is in use"); W&B resume continuity is tested in test_pretrain_integration.
+            "tracking": {"wandb_mode": "disabled"},
             "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
         }
     )
