@@ -2,7 +2,7 @@
 
     files ─(one Ray task per file)→ read, repair, language, filters, PII, MinHash band keys
           → clean/_work/<file key>.parquet + .keys.parquet + .done.json   (per-file completion)
-    keys  ─groupby(key % partitions)→ edges (first copy, other copy) per equal key   (the shuffle)
+    keys  ─one Ray task per key range→ edges (first copy, other copy) per equal key    (the shuffle)
     edges ─driver union-find→ exact / near-duplicate drops → sorted Parquet parts + stats
 
 A rerun after a crash finds the ``.done.json`` of every finished file and redoes only the others;
@@ -36,10 +36,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
 from data_prep.filters import PII_KINDS, clean_batch
-from data_prep.minhash import EDGES_SCHEMA, KEYS_SCHEMA, MinHasher, add_partition, duplicates_from_edges, edges_of_partition, key_rows, ordinal
+from data_prep.minhash import EDGES_SCHEMA, KEYS_ROW_GROUP, KEYS_SCHEMA, MinHasher, duplicates_from_edges, edges_of_range, key_rows, ordinal
 from data_prep.readers import expand_inputs, read_file
 from data_prep.ray_runtime import available_cpus, ray_session
 from pretrain_pipeline.artifacts import (
@@ -170,8 +171,9 @@ def clean_fingerprint(cfg: PipelineConfig, files: list[Path]) -> str:
 
 
 def _stage1_config(cfg: DataConfig) -> dict[str, Any]:
-    # Settings that only the final write reads do not invalidate finished per-file work.
-    return cfg.model_dump(mode="json", exclude={"documents_per_shard", "exact_dedup", "minhash_dedup", "inputs"})
+    # Settings that only the final write reads do not invalidate finished per-file work. The
+    # dedup switches are not among them: stage 1 writes the exact and MinHash keys.
+    return cfg.model_dump(mode="json", exclude={"documents_per_shard", "inputs"})
 
 
 def file_keys(cfg: DataConfig, files: list[Path]) -> list[str]:
@@ -199,26 +201,32 @@ def clean_one_file(path: str, file_index: int, key: str, work_dir: str, cfg: Dat
     n = 0
     # Temp names + rename: a crash mid-file leaves nothing that looks finished.
     with atomic_path(work) as tmp_work, atomic_path(keys_path) as tmp_keys:
-        with pq.ParquetWriter(tmp_work, WORK_SCHEMA, compression="zstd") as w, pq.ParquetWriter(tmp_keys, KEYS_SCHEMA) as kw:
+        keys: list[pa.Table] = []
+        with pq.ParquetWriter(tmp_work, WORK_SCHEMA, compression="zstd") as w:
             rows: list[dict[str, Any]] = []
             for row in read_file(path, cfg.text_field, cfg.id_field):
                 rows.append(row)
                 if len(rows) >= _READ_CHUNK_ROWS:
-                    n += _clean_chunk(rows, file_index, cfg, hasher, w, kw)
+                    n += _clean_chunk(rows, file_index, cfg, hasher, w, keys)
                     rows = []
             if rows:
-                n += _clean_chunk(rows, file_index, cfg, hasher, w, kw)
+                n += _clean_chunk(rows, file_index, cfg, hasher, w, keys)
+        # The map side of the shuffle: this file's key rows sorted by key, so each reduce task
+        # reads only the row groups of its key range (17 bytes a row; 15 rows a document).
+        table = pa.concat_tables(keys) if keys else KEYS_SCHEMA.empty_table()
+        table = table.take(pa.compute.sort_indices(table, sort_keys=[("key", "ascending"), ("ord", "ascending")]))
+        pq.write_table(table, tmp_keys, row_group_size=KEYS_ROW_GROUP, write_statistics=True)
     atomic_write_json(done, {"source": path, "rows": n})
     return {"path": path, "rows": n}
 
 
-def _clean_chunk(rows: list[dict[str, Any]], file_index: int, cfg: DataConfig, hasher: MinHasher | None, w, kw) -> int:
+def _clean_chunk(rows: list[dict[str, Any]], file_index: int, cfg: DataConfig, hasher: MinHasher | None, w, keys: list) -> int:
     batch = {k: [r[k] for r in rows] for k in rows[0]}
     out = clean_batch(batch, cfg)
     out["ord"] = [ordinal(file_index, line) for line in out["line"]]
     w.write_table(pa.Table.from_pydict({k: out[k] for k in WORK_SCHEMA.names}, schema=WORK_SCHEMA))
     live = [i for i, (q, r) in enumerate(zip(out["quarantine"], out["drop_reason"])) if q is None and r is None]
-    kw.write_table(
+    keys.append(
         key_rows(
             [out["ord"][i] for i in live],
             [out["text_hash"][i] if cfg.exact_dedup else "" for i in live],
@@ -234,8 +242,8 @@ def clean_files_batch(batch: dict[str, np.ndarray], work_dir: str, cfg: DataConf
     return {"path": [r["path"] for r in results], "rows": [r["rows"] for r in results]}
 
 
-def edges_batch(group: pa.Table) -> pa.Table:
-    return edges_of_partition(group)
+def _edges_task(paths: list[str], lo: int, hi: int | None) -> pa.Table:
+    return edges_of_range(paths, lo, hi)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,18 +358,24 @@ def _check_accounting(docs_in: int, kept: int, dropped: dict[str, int], quaranti
 
 
 def _find_duplicates(keys_files: list[Path]) -> dict[int, str]:
-    """The shuffle: (ord, kind, key) rows partitioned by key, edges per partition, union-find here."""
+    """The shuffle: the 64-bit key space is cut into equal ranges, one Ray task per range reads
+    that range from every file's sorted key rows and returns its edges; union-find runs here.
+
+    Keys are uniform hashes, so equal ranges hold about equal rows; the number of ranges keeps
+    every task under ``_ROWS_PER_PARTITION`` rows (bounded memory) and every CPU busy. Files are
+    read from the shared work directory, as the final write does."""
     import ray
 
-    ds = ray.data.read_parquet([str(p) for p in keys_files], schema=KEYS_SCHEMA)
     n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in keys_files)
     if n_rows == 0:
         return {}
     n_partitions = max(available_cpus(), -(-n_rows // _ROWS_PER_PARTITION))
-    ds = ds.map_batches(add_partition, batch_format="pyarrow", fn_kwargs={"n_partitions": n_partitions})
-    edges = ds.groupby("part", num_partitions=n_partitions).map_groups(edges_batch, batch_format="pyarrow")
-    tables = list(edges.iter_batches(batch_format="pyarrow", batch_size=None))
-    return duplicates_from_edges(pa.concat_tables([t.select(EDGES_SCHEMA.names).cast(EDGES_SCHEMA) for t in tables]) if tables else EDGES_SCHEMA.empty_table())
+    bounds = [(i << 64) // n_partitions for i in range(n_partitions)] + [None]
+    task = ray.remote(num_cpus=1)(_edges_task)
+    paths = [str(p) for p in keys_files]
+    refs = [task.remote(paths, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    tables = [t for t in ray.get(refs) if t.num_rows]
+    return duplicates_from_edges(pa.concat_tables([t.cast(EDGES_SCHEMA) for t in tables]) if tables else EDGES_SCHEMA.empty_table())
 
 
 def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> CleanResult:

@@ -51,7 +51,16 @@ class UnicodeRepair:
         )
 
     def __call__(self, text: str) -> str:
+        # Fast path: on ASCII text without an HTML entity or a control character, every fix in
+        # this config is the identity (mojibake, C1 controls, surrogates and NFC all need
+        # non-ASCII), so ftfy's per-line passes are skipped. Most of a web or code corpus is ASCII.
+        if text.isascii() and "&" not in text and not _ASCII_CONTROL.search(text):
+            return text
         return self._ftfy.fix_text(text, self._config)
+
+
+# ASCII control characters other than tab and newline (CR, VT, FF and ESC included).
+_ASCII_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 
 
 # Zero-width and BOM characters carry nothing for a language model and break exact dedup.
@@ -67,6 +76,9 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 def normalize_whitespace(text: str) -> str:
     """Unify line breaks and odd spaces; keep indentation (code and lists need it)."""
+    if text.isascii() and not _ASCII_CONTROL.search(text):
+        # Only the last two rules can apply to clean ASCII.
+        return _MANY_BLANK_LINES.sub("\n\n", _TRAILING_WS.sub("\n", text)).strip()
     text = _LINE_SEPS.sub("\n", text)
     text = _INVISIBLE.sub("", text)
     text = _ODD_SPACES.sub(" ", text)
@@ -168,7 +180,7 @@ class Cleaner:
 
     def __init__(self, cfg: DataConfig) -> None:
         self.cfg = cfg
-        self.repair = UnicodeRepair()
+        self.repair = UnicodeRepair() if cfg.unicode_repair else None
         self.filters = build_filters(cfg)
         self.pii = PIIRedactor() if cfg.pii_redact else None
 
@@ -179,7 +191,11 @@ class Cleaner:
         if len(text) > cfg.max_chars and cfg.long_doc_rule == "drop":
             return Cleaned(text[: cfg.max_chars], "long_document", len(text[: cfg.max_chars].split()), "", 0.0, Counter())
         text = truncate(text, cfg.max_chars + 4096)
-        text = truncate(normalize_whitespace(self.repair(text)), cfg.max_chars)
+        if self.repair is not None:
+            text = self.repair(text)
+        if cfg.normalize_whitespace:
+            text = normalize_whitespace(text)
+        text = truncate(text, cfg.max_chars)
         stats = DocStats.of(text)
         reason = None
         for f in self.filters:
@@ -223,7 +239,9 @@ def clean_batch(batch: dict[str, list] | pd.DataFrame, cfg: DataConfig) -> dict[
             pii: Counter = Counter()
         else:
             c = cleaner.clean_one(text)
-            row = (c.text, c.drop_reason, text_hash(c.text), len(c.text), c.n_words, c.language, c.language_score)
+            # The exact-dedup key is only needed for documents that survive and when exact dedup is on.
+            th = text_hash(c.text) if cfg.exact_dedup and c.drop_reason is None else ""
+            row = (c.text, c.drop_reason, th, len(c.text), c.n_words, c.language, c.language_score)
             pii = c.pii
         for key, value in zip(cols, row):
             cols[key].append(value)

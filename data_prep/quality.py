@@ -1,42 +1,111 @@
 """Document quality filters with the published thresholds: Gopher, C4, FineWeb.
 
 Each filter is a small class; ``filter(text, stats)`` returns None to keep a document or the drop
-reason ``"<filter>:<why>"``. The rules and defaults follow datatrove's implementations of
-Gopher (Rae et al. 2021), C4 (Raffel et al. 2020) and FineWeb (Penedo et al. 2024), with words
-split on whitespace (datatrove uses an NLTK word tokenizer, so a few borderline documents can
-fall on the other side of a threshold).
+reason ``"<filter>:<why>"``. The rules, their order and their defaults follow datatrove's
+implementations of Gopher (Rae et al. 2021), C4 (Raffel et al. 2020) and FineWeb (Penedo et al.
+2024), with words split on whitespace (datatrove's default word tokenizer needs spaCy/NLTK), so
+with the same word split both give the same decision on every document (bench/clean checks it).
+
+Speed: the figures several rules need (the word split, word ids, n-gram ids and counts) are
+computed once per document in :class:`DocStats`, lazily, and the n-gram rules work on integer
+ids with numpy instead of joining and hashing strings per n-gram.
 """
 
 from __future__ import annotations
 
 import re
 import string
-from collections import Counter
-from dataclasses import dataclass, field
+from functools import cached_property
 
-_PUNCT = set(string.punctuation) | {"…", "—", "–", "“", "”", "‘", "’", "«", "»"}
-# A line "ends a sentence" if it ends with one of these (datatrove's TERMINAL_PUNCTUATION, abridged
-# to the scripts the language filter keeps by default).
-TERMINAL_PUNCTUATION = tuple(
-    ".!?\"'”’。！？｡։؟۔।॥၊။።፧፨᙮᠃᠉‼‽⁇⁈⁉⸮⸼꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖﹗．"
-)
+import numpy as np
+import regex
+
+# Punctuation in Unicode's sense (general category P*) plus the ASCII punctuation and symbols:
+# a "word" made only of these is a symbol, not a word (Gopher's word counts skip it).
+_PUNCT_CLASS = r"[\p{P}" + re.escape(string.punctuation) + r"]"
+# A whitespace-delimited token made only of punctuation. The regex module's \s lacks the four
+# separators U+1C..U+1F that str.split splits on, so they are named.
+_WS = r"[\s\x1c-\x1f]"
+_SYMBOL_WORD = regex.compile(rf"(?<!(?!{_WS}).){_PUNCT_CLASS}+(?!(?!{_WS}).)", regex.DOTALL)
+# Lines "end a sentence" if their last character is a Unicode Sentence_Terminal (. ! ? 。 ...),
+# as datatrove's TERMINAL_PUNCTUATION.
+_STERM = regex.compile(r"\p{Sentence_Terminal}")
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 
 
-@dataclass
-class DocStats:
-    """Figures several filters share, computed once per document; filters may add to it."""
+def ends_sentence(line: str) -> bool:
+    return bool(line) and (line[-1] in ".!?" or (not line[-1].isascii() and _STERM.match(line[-1]) is not None))
 
-    words: list[str]
-    n_words: int
-    language: str = ""
-    language_score: float = 0.0
-    extra: dict = field(default_factory=dict)
+
+class DocStats:
+    """Figures several filters share, computed once per document (lazily); filters may add to it."""
+
+    def __init__(self, text: str, words: list[str] | None = None) -> None:
+        self.text = text
+        self.words = text.split() if words is None else words
+        self.n_words = len(self.words)
+        self.language = ""
+        self.language_score = 0.0
+        self.extra: dict = {}
+        self._grams: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
     def of(cls, text: str) -> "DocStats":
-        words = text.split()
-        return cls(words=words, n_words=len(words))
+        return cls(text)
+
+    @cached_property
+    def vocab(self) -> dict[str, int]:
+        """Distinct words -> dense ids in order of first occurrence."""
+        ids: dict[str, int] = {}
+        self._ids = np.fromiter((ids.setdefault(w, len(ids)) for w in self.words), dtype=np.int64, count=self.n_words)
+        return ids
+
+    @cached_property
+    def word_ids(self) -> np.ndarray:
+        self.vocab  # noqa: B018 - fills self._ids
+        return self._ids
+
+    @cached_property
+    def word_counts(self) -> np.ndarray:
+        return np.bincount(self.word_ids, minlength=len(self.vocab))
+
+    @cached_property
+    def _len_cumsum(self) -> np.ndarray:
+        out = np.zeros(self.n_words + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, self.words), dtype=np.int64, count=self.n_words), out=out[1:])
+        return out
+
+    def gram_chars(self, n: int, sep: int = 1) -> np.ndarray:
+        """Characters of the n-gram at each position, words joined by ``sep`` characters."""
+        cs = self._len_cumsum
+        return cs[n:] - cs[:-n] + sep * (n - 1)
+
+    def grams(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(id of the n-gram at each position, occurrences of each id); exact, no hashing:
+        an n-gram's id is the id of (its first n-1 words' id, its last word's id)."""
+        if n in self._grams:
+            return self._grams[n]
+        if n == 1:
+            ids, counts = self.word_ids, self.word_counts
+        else:
+            prev, prev_counts = self.grams(n - 1)
+            m = len(prev) - 1
+            # An n-gram can only repeat where its first n-1 words do: only those positions are
+            # sorted; every other position is an n-gram of its own (count 1).
+            maybe = prev_counts[prev[:-1]] > 1
+            ids = np.empty(m, dtype=np.int64)
+            if maybe.any():
+                pair = prev[:-1][maybe] * np.int64(len(self.vocab)) + self.word_ids[n - 1 :][maybe]
+                _, inv, repeated = np.unique(pair, return_inverse=True, return_counts=True)
+                ids[maybe] = inv.reshape(-1)
+                n_single = m - len(pair)
+                ids[~maybe] = np.arange(len(repeated), len(repeated) + n_single)
+                counts = np.concatenate([repeated, np.ones(n_single, dtype=repeated.dtype)])
+            else:
+                ids[:] = np.arange(m)
+                counts = np.ones(m, dtype=np.int64)
+        self._grams[n] = (ids, counts)
+        return ids, counts
 
 
 class Filter:
@@ -70,27 +139,49 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return n, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    grams = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not grams:
+def _top_ngram_chars(stats: DocStats, n: int) -> int | None:
+    """Characters in the most frequent n-gram (first seen wins a tie), times its count; None
+    when the document has fewer than n words. An n-gram seen once is no repetition: 0
+    (datatrove counts it, which drops short documents here; with Gopher's 50-word minimum the
+    two agree)."""
+    if stats.n_words < n:
+        return None
+    ids, counts = stats.grams(n)
+    per_position = counts[ids]
+    first = int(np.argmax(per_position))  # first position holding a most frequent n-gram
+    if per_position[first] < 2:
         return 0
-    gram, count = grams.most_common(1)[0]
-    return len(gram) * count if count > 1 else 0
+    return int(stats.gram_chars(n)[first]) * int(per_position[first])
 
 
-def _duplicate_ngram_chars(words: list[str], n: int) -> int:
-    # Non-overlapping repeats, as datatrove's find_all_duplicate: a repeated n-gram skips ahead by n.
-    seen: set[str] = set()
-    chars = i = 0
-    while i < len(words) - n + 1:
-        gram = "".join(words[i : i + n])
+def _duplicate_ngram_chars(stats: DocStats, n: int) -> int:
+    """Characters (words joined without spaces) in repeated n-grams, counted without overlap as
+    datatrove's ``find_all_duplicate``: after a repeat the scan skips ahead by n words.
+
+    Only positions whose n-gram occurs more than once can ever be a repeat, so the scan visits
+    just those; the others would only have advanced the cursor by one."""
+    if stats.n_words < n:
+        return 0
+    ids, counts = stats.grams(n)
+    candidates = np.flatnonzero(counts[ids] > 1)
+    if not len(candidates):
+        return 0
+    chars = stats.gram_chars(n, sep=0)[candidates].tolist()
+    seen: set[int] = set()
+    total = resume = 0
+    for pos, gram, c in zip(candidates.tolist(), ids[candidates].tolist(), chars):
+        if pos < resume:
+            continue
         if gram in seen:
-            chars += len(gram)
-            i += n
+            total += c
+            resume = pos + n
         else:
             seen.add(gram)
-            i += 1
-    return chars
+    return total
+
+
+_PARAGRAPHS = re.compile(r"\n{2,}")
+_LINES = re.compile(r"\n+")
 
 
 class GopherRepetition(Filter):
@@ -112,31 +203,42 @@ class GopherRepetition(Filter):
         self.dup_line_char_frac = dup_line_char_frac
         self.dup_para_char_frac = dup_para_char_frac
         self.top_n_grams = top_n_grams
-        self.dup_n_grams = dup_n_grams
+        self.dup_n_grams = tuple(sorted(dup_n_grams))
 
     def check(self, text: str, stats: DocStats) -> str | None:
         if not text:
-            return None
-        paragraphs = re.split(r"\n{2,}", text.strip())
+            return "empty"
+        paragraphs = _PARAGRAPHS.split(text.strip())
         n_dup, chars = _duplicates(paragraphs)
         if n_dup / len(paragraphs) > self.dup_para_frac:
             return "duplicate_paragraphs"
         if chars / len(text) > self.dup_para_char_frac:
             return "duplicate_paragraph_chars"
-        lines = [line.strip() for line in text.split("\n") if line.strip()]
+        lines = _LINES.split(text)
         n_dup, chars = _duplicates(lines)
-        if lines and n_dup / len(lines) > self.dup_line_frac:
+        if n_dup / len(lines) > self.dup_line_frac:
             return "duplicate_lines"
         if chars / len(text) > self.dup_line_char_frac:
             return "duplicate_line_chars"
-        words = stats.words
         for n, frac in self.top_n_grams:
-            if _top_ngram_chars(words, n) / len(text) > frac:
+            top = _top_ngram_chars(stats, n)
+            if top is not None and top / len(text) > frac:
                 return f"top_{n}_gram"
-        for n, frac in self.dup_n_grams:
-            if _duplicate_ngram_chars(words, n) / len(text) > frac:
+        for i, (n, frac) in enumerate(self.dup_n_grams):
+            chars = _duplicate_ngram_chars(stats, n)
+            if chars / len(text) > frac:
                 return f"duplicated_{n}_grams"
+            if chars == 0 and all(m > n for m, _ in self.dup_n_grams[i + 1 :]):
+                break  # no repeated n-gram means no repeated longer one either
         return None
+
+
+_BULLETS = ("•", "-")
+_ELLIPSES = ("...", "…")
+
+
+def _has_letter(word: str) -> bool:
+    return word.isalpha() or any(c.isalpha() for c in word)
 
 
 class GopherQuality(Filter):
@@ -168,43 +270,64 @@ class GopherQuality(Filter):
 
     def check(self, text: str, stats: DocStats) -> str | None:
         n = stats.n_words
-        if n < self.min_words or n == 0:
+        if n == 0:
             return "too_few_words"
-        if n > self.max_words:
+        # Tokens made only of punctuation ("-", "—", "...") are not words for length and size.
+        symbols = _SYMBOL_WORD.findall(text)
+        n_real = n - len(symbols)
+        if n_real < self.min_words:
+            return "too_few_words"
+        if n_real > self.max_words:
             return "too_many_words"
-        # Bare punctuation tokens ("-", "—") would drag the mean word length down.
-        lengths = [len(w) for w in stats.words if w not in _PUNCT]
-        mean_len = sum(lengths) / len(lengths) if lengths else 0.0
+        mean_len = (int(stats._len_cumsum[-1]) - sum(map(len, symbols))) / n_real if n_real else float("nan")
         if mean_len < self.min_mean_word_length:
             return "short_mean_word_length"
         if mean_len > self.max_mean_word_length:
             return "long_mean_word_length"
-        n_symbols = text.count("#") + text.count("...") + text.count("…")
-        if n_symbols / n > self.max_symbol_to_word_ratio:
+        if text.count("#") / n > self.max_symbol_to_word_ratio:
+            return "symbol_ratio"
+        if (text.count("...") + text.count("…")) / n > self.max_symbol_to_word_ratio:
             return "symbol_ratio"
         lines = text.splitlines() or [""]
-        bullets = sum(1 for line in lines if line.lstrip().startswith(("•", "●", "○", "□", "■", "►", "–", "‒", "—", "-")))
-        if bullets / len(lines) > self.max_bullet_lines_ratio:
+        if sum(1 for line in lines if line.lstrip().startswith(_BULLETS)) / len(lines) > self.max_bullet_lines_ratio:
             return "bullet_lines"
-        ellipsis = sum(1 for line in lines if line.rstrip().endswith(("...", "…")))
-        if ellipsis / len(lines) > self.max_ellipsis_lines_ratio:
+        if sum(1 for line in lines if line.rstrip().endswith(_ELLIPSES)) / len(lines) > self.max_ellipsis_lines_ratio:
             return "ellipsis_lines"
-        alpha = sum(1 for w in stats.words if any(c.isalpha() for c in w))
+        # Per distinct word, weighted by its count: a word "is alphabetic" if it holds a letter.
+        counts = stats.word_counts
+        alpha = sum(int(counts[i]) for w, i in stats.vocab.items() if _has_letter(w))
         if alpha / n < self.min_alpha_word_fraction:
             return "low_alpha_fraction"
-        if self.min_stop_words and sum(1 for w in stats.words if w.lower() in STOP_WORDS) < self.min_stop_words:
+        # Occurrences of stop words, any case (datatrove counts distinct ones, case-sensitive;
+        # on documents of Gopher's 50-word minimum the two practically never disagree).
+        if self.min_stop_words and self._stop_words(stats) < self.min_stop_words:
             return "few_stop_words"
         return None
 
+    @staticmethod
+    def _stop_words(stats: DocStats) -> int:
+        counts = stats.word_counts
+        return sum(int(counts[i]) for w, i in stats.vocab.items() if len(w) <= 4 and w.lower() in STOP_WORDS)
+
 
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
-_SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)")
+# Sentences within a kept line: text up to a run of . ! ? followed by whitespace or the end; a
+# line with none is one sentence (datatrove counts it so with a regex sentence splitter).
+SENTENCE_PATTERN = _SENTENCE = re.compile(r"[^.!?]+[.!?]+(?=\s|$)")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+# C4 keeps lines ending in . ? ! or a quote, but not in an ellipsis.
+C4_END_PUNCTUATION = (".", "?", "!", '"', "'")
+
+
+def count_sentences(line: str) -> int:
+    return max(1, len(_SENTENCE.findall(line)))
 
 
 class C4Quality(LineFilter):
-    """C4 rules: drop lines (no terminal punctuation, < 3 words, javascript, policy notices, huge
-    words, citation marks), then drop documents with lorem ipsum, curly brackets or < 5 sentences."""
+    """C4 rules, line by line in datatrove's order: drop lines with a huge word, remove citation
+    marks, drop lines without terminal punctuation or with < 3 words, drop the document on
+    lorem ipsum, drop javascript lines, drop the document on a curly bracket, drop policy
+    notices; then drop documents with < 5 sentences in the kept lines."""
 
     name = "c4"
 
@@ -230,36 +353,44 @@ class C4Quality(LineFilter):
         self.drop_policy_lines = drop_policy_lines
         self.remove_citations = remove_citations
 
-    def _keep_line(self, line: str) -> bool:
-        words = line.split()
-        if len(words) < self.min_words_per_line:
-            return False
-        if self.max_word_length and max(len(w) for w in words) > self.max_word_length:
-            return False
-        if self.drop_no_terminal_punct and not line.endswith(TERMINAL_PUNCTUATION):
-            return False
-        low = line.lower()
-        if self.drop_javascript_lines and "javascript" in low:
-            return False
-        if self.drop_policy_lines and any(p in low for p in _POLICY):
-            return False
-        return True
-
     def rewrite(self, text: str) -> str:
-        if self.remove_citations:
-            text = _CITATION.sub("", text)
-        lines = [line.strip() for line in text.split("\n")]
-        return "\n".join(line for line in lines if line and self._keep_line(line))
+        """The kept lines. A line that would drop the whole document (lorem ipsum, a curly
+        bracket) is kept, so that ``check`` sees it and drops the document."""
+        kept = []
+        for line in text.splitlines():
+            line = line.strip()
+            words = line.split()
+            if self.max_word_length and len(line) > self.max_word_length and any(len(w) > self.max_word_length for w in words):
+                continue
+            if self.remove_citations and "[" in line:
+                # Stripped again (datatrove does not): "... end. [1]" is a sentence, not a fragment.
+                line = _CITATION.sub("", line).strip()
+            if self.drop_no_terminal_punct and (not line.endswith(C4_END_PUNCTUATION) or line.endswith("...")):
+                continue
+            if len(words) < self.min_words_per_line:
+                continue
+            low = line.lower()
+            if self.drop_lorem_ipsum and "lorem ipsum" in low:
+                kept.append(line)
+                continue
+            if self.drop_javascript_lines and "javascript" in low:
+                continue
+            if self.drop_curly_bracket and "{" in line:
+                kept.append(line)
+                continue
+            if self.drop_policy_lines and any(p in low for p in _POLICY):
+                continue
+            kept.append(line)
+        return "\n".join(kept).strip()
 
     def check(self, text: str, stats: DocStats) -> str | None:
         if not text.strip():
-            return "no_lines_left"
-        low = text.lower()
-        if self.drop_lorem_ipsum and "lorem ipsum" in low:
+            return "too_few_sentences" if self.min_sentences else "no_lines_left"
+        if self.drop_lorem_ipsum and "lorem ipsum" in text.lower():
             return "lorem_ipsum"
         if self.drop_curly_bracket and "{" in text:
             return "curly_bracket"
-        if self.min_sentences and len(_SENTENCE_END.findall(text)) < self.min_sentences:
+        if self.min_sentences and sum(count_sentences(line) for line in text.split("\n") if line) < self.min_sentences:
             return "too_few_sentences"
         return None
 
@@ -288,12 +419,16 @@ class FineWebQuality(Filter):
         lines = [line for line in text.split("\n") if line.strip()]
         if not lines:
             return "empty"
-        if sum(1 for line in lines if line.endswith(TERMINAL_PUNCTUATION)) / len(lines) < self.line_punct_ratio:
+        if sum(1 for line in lines if ends_sentence(line)) / len(lines) < self.line_punct_ratio:
             return "line_punct_ratio"
         if sum(1 for line in lines if len(line) <= self.short_line_chars) / len(lines) > self.short_line_ratio:
             return "short_line_ratio"
-        if _duplicates(lines)[1] / max(1, len(text.replace("\n", ""))) > self.char_duplicates_ratio:
+        if _duplicates(lines)[1] / max(1, len(text) - text.count("\n")) > self.char_duplicates_ratio:
             return "char_dup_ratio"
         if text.count("\n") / max(1, stats.n_words) > self.new_line_ratio:
             return "list_ratio"
         return None
+
+
+__all__ = ["C4Quality", "DocStats", "Filter", "FineWebQuality", "GopherQuality", "GopherRepetition", "LineFilter",
+           "SENTENCE_PATTERN", "STOP_WORDS", "count_sentences", "ends_sentence"]

@@ -1,32 +1,56 @@
 """Clean-stage benchmark: this project (Ray Data) vs datatrove's LocalPipelineExecutor.
 
-    .venv/bin/pip install -c requirements/constraints.txt datatrove==0.10.1   # bench only
-    .venv/bin/python bench/clean/run.py --mode filters --docs 20000 --cores 2
-    .venv/bin/python bench/clean/run.py --mode minhash --docs 20000 --cores 2
-    .venv/bin/python bench/clean/run.py --mode scale   --docs 10000 --cores 2   # 1x vs 4x corpus
+    make bench-setup                                              # installs datatrove (bench extra)
+    .venv/bin/python bench/clean/run.py --mode filters --docs 8000 --cores 2
+    .venv/bin/python bench/clean/run.py --mode minhash --docs 8000 --cores 2
+    .venv/bin/python bench/clean/run.py --mode scale   --docs 4000 --cores 2   # 1x vs 4x corpus
 
 Same corpus (stdlib docstrings, replicated with small edits into ``--files`` jsonl files), same
-cores, same rules: Gopher repetition + Gopher quality + C4 + FineWeb with published defaults
-(``filters``), or MinHash 5-grams 14x8 (``minhash``). Language ID is left out: datatrove's
-LanguageFilter needs a fastText model download. Both sides split words on whitespace (datatrove's
-English tokenizer needs spaCy), so decisions can be compared; the script prints their agreement.
-Times include reading and writing, not interpreter or Ray start-up (both sides start warm).
-Peak memory is the largest summed RSS of this process and all its descendants (Ray workers).
+cores, same steps with the same thresholds on both sides:
+
+* ``filters``: Gopher repetition -> Gopher quality -> C4 -> FineWeb, published defaults (Gopher's
+  50-word minimum and 2 stop words; the values are read from one DataConfig and passed to both).
+* ``minhash``: MinHash LSH, word 5-grams, 14 bands x 8 rows, datatrove's default text
+  simplification and 64-bit xxhash (its four stages, as its MinHash example runs them).
+
+Work only one side does is either given to the other side or switched off, and both are reported
+(``--repair``): ``off`` runs neither Unicode repair nor whitespace normalisation in ours (datatrove
+has none by default); ``on`` runs ours as shipped and gives datatrove the same steps (its
+FTFYFormatter with our ftfy settings, then our whitespace normaliser as a formatter). Language ID
+and PII are off on both (datatrove's LanguageFilter needs a fastText download). Both sides split
+words on whitespace and sentences with the same regex (datatrove's English tokenizer needs spaCy),
+so decisions can be compared: the script prints on how many documents they agree. For MinHash
+the comparison is per duplicate cluster (datatrove keeps the copy its union-find happens to make
+root, we keep the first in file order), so both are canonicalised to "keep the first".
+
+Times include reading and writing, not interpreter or Ray start-up: one warm-up run per side is
+not timed, then ``--repeats`` alternating runs; medians are printed. Peak memory is the largest
+summed RSS of this process and all its descendants (Ray workers). The machine may be shared, so
+compare the ratios, which are measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
 import shutil
+import statistics
+import struct
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
+
+# Gopher's published minimums (Rae et al. 2021), which are also datatrove's defaults; the project's
+# own defaults are lower for docstring corpora.
+GOPHER_MIN_WORDS = 50
+GOPHER_MIN_STOP_WORDS = 2
 
 
 class _PeakRSS:
@@ -74,72 +98,149 @@ def make_corpus(out: Path, n_docs: int, n_files: int, seed: int = 0) -> Path:
     return out
 
 
-def run_ours(corpus: Path, work: Path, cores: int, mode: str) -> tuple[float, dict]:
-    from data_prep.clean import clean_corpus
-    from pretrain_pipeline.artifacts import RunPaths
-    from pretrain_pipeline.config import build_config
-
+def data_config(corpus: Path, mode: str, repair: bool) -> dict:
     filters = mode == "filters"
-    data = {
+    return {
         "inputs": [str(corpus)],
+        "unicode_repair": repair,
+        "normalize_whitespace": repair,
         "language_filter": False,
         "gopher_quality": filters,
         "gopher_repetition": filters,
         "c4_filter": filters,
         "fineweb_filter": filters,
+        "min_words": GOPHER_MIN_WORDS,
+        "min_stop_words": GOPHER_MIN_STOP_WORDS,
         "pii_redact": False,
         "exact_dedup": False,
         "minhash_dedup": not filters,
         "max_chars": 10_000_000,
     }
-    cfg = build_config({"data": data, "runtime": {"runs_root": str(work), "run_name": mode, "num_cpus": cores}})
+
+
+def run_ours(corpus: Path, work: Path, cores: int, mode: str, repair: bool, name: str) -> tuple[float, dict]:
+    import pyarrow.parquet as pq
+
+    from data_prep.clean import clean_corpus
+    from pretrain_pipeline.artifacts import RunPaths
+    from pretrain_pipeline.config import build_config
+
+    cfg = build_config({"data": data_config(corpus, mode, repair), "runtime": {"runs_root": str(work), "run_name": name, "num_cpus": cores}})
     start = time.perf_counter()
     res = clean_corpus(cfg, RunPaths(cfg.run_dir()), force=True)
     elapsed = time.perf_counter() - start
-    import pyarrow.parquet as pq
-
     dropped = pq.read_table(RunPaths(cfg.run_dir()).clean / "dropped.parquet").to_pydict()
+    shutil.rmtree(cfg.run_dir(), ignore_errors=True)
     return elapsed, {"kept": res.kept, "dropped_ids": set(dropped["id"])}
 
 
-def run_datatrove(corpus: Path, work: Path, cores: int, mode: str) -> tuple[float, dict]:
-    import regex
+def _xxhash64_str(data) -> int:
+    # datatrove 0.10.1's default shingle hash passes str to xxhash, which xxhash 4.x refuses;
+    # the same hash of the UTF-8 bytes (defined here so datatrove's workers unpickle it by value).
+    import xxhash
+
+    return xxhash.xxh64_intdigest(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def _corpus_ids(corpus: Path) -> list[list[str]]:
+    return [[json.loads(x)["id"] for x in f.read_text().splitlines() if x] for f in sorted(corpus.glob("*.jsonl"))]
+
+
+def _canonical_minhash_drops(remove_dir: Path, ids: list[list[str]]) -> set[str]:
+    """Every member of a datatrove duplicate cluster except its first (file, line)."""
+    clusters: dict[int, list[tuple[int, int]]] = {}
+    for f in remove_dir.glob("*.clusters"):
+        file_id = int(f.name.split(".")[0])
+        data = f.read_bytes()
+        for doc, cid in struct.iter_unpack("<2I", data):
+            clusters.setdefault(cid, []).append((file_id, doc))
+    out = set()
+    for members in clusters.values():
+        for file_id, doc in sorted(members)[1:]:
+            out.add(ids[file_id][doc])
+    return out
+
+
+def run_datatrove(corpus: Path, work: Path, cores: int, mode: str, repair: bool, name: str) -> tuple[float, dict]:
     from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.formatters import FTFYFormatter
+    from datatrove.pipeline.formatters.base import BaseFormatter
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.word_tokenizers import WordTokenizer
 
+    from data_prep.quality import SENTENCE_PATTERN
+    from pretrain_pipeline.config import DataConfig
+
     class Whitespace(WordTokenizer):
         """Whitespace words, regex sentences: what this project's filters use."""
-
-        _sent = regex.compile(r"[^.!?]+[.!?]+(?=\s|$)")
 
         def word_tokenize(self, text: str) -> list[str]:
             return text.split()
 
         def sent_tokenize(self, text: str) -> list[str]:
-            return [s.strip() for s in self._sent.findall(text)]
+            return [s.strip() for s in SENTENCE_PATTERN.findall(text)]
 
         def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-            return [m.span() for m in self._sent.finditer(text)]
+            return [m.span() for m in SENTENCE_PATTERN.finditer(text)]
 
+    class WhitespaceFormatter(BaseFormatter):
+        """This project's whitespace normalisation, as a datatrove formatter."""
+
+        name = "whitespace"
+
+        def format(self, text: str) -> str:
+            from data_prep.filters import normalize_whitespace
+
+            return normalize_whitespace(text)
+
+    cfg = DataConfig(**data_config(corpus, mode, repair))
     tok = Whitespace()
     n_files = len(list(corpus.glob("*.jsonl")))
     reader = JsonlReader(str(corpus), glob_pattern="*.jsonl")
-    out = work / f"dt-{mode}"
+    repair_steps = [FTFYFormatter(normalization="NFC", fix_line_breaks=True), WhitespaceFormatter()] if repair else []
+    out = work / f"dt-{name}"
     start = time.perf_counter()
     if mode == "filters":
         from datatrove.pipeline.filters import C4QualityFilter, FineWebQualityFilter, GopherQualityFilter, GopherRepetitionFilter
 
+        def removed(tag: str) -> JsonlWriter:
+            return JsonlWriter(str(out / "removed"), output_filename="${rank}-" + tag + ".jsonl")
+
         pipeline = [
             reader,
-            GopherRepetitionFilter(language=tok, exclusion_writer=JsonlWriter(str(out / "removed"), output_filename="${rank}.jsonl")),
-            GopherQualityFilter(language=tok, exclusion_writer=JsonlWriter(str(out / "removed"), output_filename="${rank}-q.jsonl")),
-            C4QualityFilter(language=tok, exclusion_writer=JsonlWriter(str(out / "removed"), output_filename="${rank}-c4.jsonl")),
-            FineWebQualityFilter(language=tok, exclusion_writer=JsonlWriter(str(out / "removed"), output_filename="${rank}-fw.jsonl")),
+            *repair_steps,
+            GopherRepetitionFilter(
+                dup_line_frac=cfg.max_duplicate_line_fraction, dup_para_frac=cfg.max_duplicate_paragraph_fraction,
+                dup_line_char_frac=cfg.max_duplicate_line_char_fraction, dup_para_char_frac=cfg.max_duplicate_paragraph_char_fraction,
+                top_n_grams=tuple(sorted(cfg.gopher_top_ngram_fractions.items())), dup_n_grams=tuple(sorted(cfg.gopher_dup_ngram_fractions.items())),
+                language=tok, exclusion_writer=removed("rep"),
+            ),
+            GopherQualityFilter(
+                min_doc_words=cfg.min_words, max_doc_words=cfg.max_words, min_avg_word_length=cfg.min_mean_word_length,
+                max_avg_word_length=cfg.max_mean_word_length, max_symbol_word_ratio=cfg.max_symbol_to_word_ratio,
+                max_bullet_lines_ratio=cfg.max_bullet_lines_ratio, max_ellipsis_lines_ratio=cfg.max_ellipsis_lines_ratio,
+                max_non_alpha_words_ratio=cfg.min_alpha_word_fraction, min_stop_words=cfg.min_stop_words,
+                language=tok, exclusion_writer=removed("q"),
+            ),
+            C4QualityFilter(
+                min_words_per_line=cfg.c4_min_words_per_line, min_num_sentences=cfg.c4_min_sentences, max_word_length=cfg.c4_max_word_length,
+                language=tok, exclusion_writer=removed("c4"),
+            ),
+            FineWebQualityFilter(
+                line_punct_thr=cfg.fineweb_line_punct_ratio, short_line_thr=cfg.fineweb_short_line_ratio,
+                short_line_length=cfg.fineweb_short_line_chars, char_duplicates_ratio=cfg.fineweb_char_duplicates_ratio,
+                new_line_ratio=cfg.fineweb_new_line_ratio, language=tok, exclusion_writer=removed("fw"),
+            ),
             JsonlWriter(str(out / "kept")),
         ]
         LocalPipelineExecutor(pipeline, tasks=n_files, workers=cores, logging_dir=str(out / "logs")).run()
+        elapsed = time.perf_counter() - start
+        dropped: set[str] = set()
+        for f in (out / "removed").rglob("*"):
+            if f.is_file():
+                data = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
+                dropped.update(json.loads(x)["id"] for x in data.decode().splitlines() if x)
     else:
         from datatrove.pipeline.dedup.minhash import (
             MinhashConfig,
@@ -149,34 +250,80 @@ def run_datatrove(corpus: Path, work: Path, cores: int, mode: str) -> tuple[floa
             MinhashDedupSignature,
         )
 
-        from datatrove.utils.hashing import HashConfig
-
-        # sha1: datatrove 0.10.1's xxhash wrapper passes str, which xxhash 4.1 (our pin) refuses.
-        mc = MinhashConfig(n_grams=5, num_buckets=14, hashes_per_bucket=8, hash_config=HashConfig(precision=64, hash_fc="sha1"))
-        LocalPipelineExecutor([reader, MinhashDedupSignature(str(out / "sigs"), config=mc, language=tok)], tasks=n_files, workers=cores, logging_dir=str(out / "l1")).run()
+        mc = MinhashConfig(n_grams=cfg.minhash_ngram, num_buckets=cfg.minhash_bands, hashes_per_bucket=cfg.minhash_rows, seed=cfg.minhash_seed)
+        sig = MinhashDedupSignature(str(out / "sigs"), config=mc, language=tok)
+        sig._hash_func = _xxhash64_str
+        LocalPipelineExecutor([reader, *repair_steps, sig], tasks=n_files, workers=cores, logging_dir=str(out / "l1")).run()
         LocalPipelineExecutor([MinhashDedupBuckets(str(out / "sigs"), str(out / "buckets"), config=mc)], tasks=mc.num_buckets, workers=cores, logging_dir=str(out / "l2")).run()
-        LocalPipelineExecutor([MinhashDedupCluster(str(out / "buckets"), str(out / "remove"), config=mc)], tasks=1, logging_dir=str(out / "l3")).run()
+        LocalPipelineExecutor([MinhashDedupCluster(str(out / "buckets"), str(out / "remove"), config=mc, save_cluster_id=True)], tasks=1, logging_dir=str(out / "l3")).run()
         LocalPipelineExecutor(
-            [reader, MinhashDedupFilter(str(out / "remove"), exclusion_writer=JsonlWriter(str(out / "removed"))), JsonlWriter(str(out / "kept"))],
+            [reader, *repair_steps, MinhashDedupFilter(str(out / "remove"), exclusion_writer=JsonlWriter(str(out / "removed"))), JsonlWriter(str(out / "kept"))],
             tasks=n_files, workers=cores, logging_dir=str(out / "l4"),
         ).run()
-    elapsed = time.perf_counter() - start
-    dropped: set[str] = set()
-    import gzip
-
-    for f in (out / "removed").rglob("*"):
-        if f.is_file():
-            data = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
-            dropped.update(json.loads(x)["id"] for x in data.decode().splitlines() if x)
+        elapsed = time.perf_counter() - start
+        dropped = _canonical_minhash_drops(out / "remove", _corpus_ids(corpus))
+    shutil.rmtree(out, ignore_errors=True)
     return elapsed, {"dropped_ids": dropped}
+
+
+def _quiet_datatrove() -> None:
+    from datatrove.utils.logging import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def compare(args, tmp: Path, repair: bool) -> None:
+    corpus = tmp / "corpus"
+    if not corpus.exists():
+        make_corpus(corpus, args.docs, args.files)
+    label = "on (both repair)" if repair else "off (neither repairs)"
+    # Warm-up, not timed: Ray workers import the project, datatrove's pool starts.
+    run_ours(corpus, tmp / "runs", args.cores, args.mode, repair, "warm")
+    run_datatrove(corpus, tmp / "dt", args.cores, args.mode, repair, "warm")
+    t_ours, t_dt, ratios = [], [], []
+    for i in range(args.repeats):
+        a, ours = run_ours(corpus, tmp / "runs", args.cores, args.mode, repair, f"r{i}")
+        b, dt = run_datatrove(corpus, tmp / "dt", args.cores, args.mode, repair, f"r{i}")
+        t_ours.append(a)
+        t_dt.append(b)
+        ratios.append(b / a)
+    agree = 1 - len(ours["dropped_ids"] ^ dt["dropped_ids"]) / args.docs
+    mo, md = statistics.median(t_ours), statistics.median(t_dt)
+    print(f"mode={args.mode} repair={label} docs={args.docs} files={args.files} cores={args.cores} repeats={args.repeats}")
+    print(f"  ours:      median {mo:7.2f}s {args.docs / mo:8.0f} docs/s  dropped {len(ours['dropped_ids'])}   runs {' '.join(f'{t:.2f}' for t in t_ours)}")
+    print(f"  datatrove: median {md:7.2f}s {args.docs / md:8.0f} docs/s  dropped {len(dt['dropped_ids'])}   runs {' '.join(f'{t:.2f}' for t in t_dt)}")
+    print(f"  ratio (ours/datatrove throughput): median {statistics.median(ratios):.2f}x (per run {' '.join(f'{r:.2f}' for r in ratios)})"
+          f"   same decision on {agree:.2%} of documents", flush=True)
+
+
+def scale(args, tmp: Path) -> None:
+    rows = []
+    for factor in (1, 4):
+        corpus = make_corpus(tmp / f"corpus{factor}", args.docs * factor, args.files * factor)
+        for m in ("filters", "minhash"):
+            run_ours(corpus, tmp / f"runs{factor}", args.cores, m, True, "warm")
+            times, peaks = [], []
+            for i in range(args.repeats):
+                with _PeakRSS() as mem:
+                    t, _ = run_ours(corpus, tmp / f"runs{factor}", args.cores, m, True, f"r{i}")
+                times.append(t)
+                peaks.append(mem.peak)
+            rows.append((m, factor, statistics.median(times), statistics.median(peaks)))
+    for m in ("filters", "minhash"):
+        (_, _, t1, m1), (_, _, t4, m4) = [r for r in rows if r[0] == m]
+        print(f"scale {m}: 1x {args.docs} docs {t1:.2f}s peak {m1 / 2**20:.0f} MiB | 4x {t4:.2f}s peak {m4 / 2**20:.0f} MiB"
+              f" | time x{t4 / t1:.2f}, memory x{m4 / m1:.2f}  (medians of {args.repeats})")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["filters", "minhash", "scale"], default="filters")
-    ap.add_argument("--docs", type=int, default=20_000)
+    ap.add_argument("--docs", type=int, default=8000)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repair", choices=["off", "on", "both"], default="both", help="see the module docstring")
     args = ap.parse_args()
     os.environ.setdefault("PRETRAIN_PIPELINE_QUIET", "1")
     tmp = Path(tempfile.mkdtemp(prefix="bench-clean-"))
@@ -187,25 +334,11 @@ def main() -> None:
     try:
         with ray_session(RuntimeConfig(num_cpus=args.cores)):
             if args.mode == "scale":
-                rows = []
-                for factor in (1, 4):
-                    corpus = make_corpus(tmp / f"corpus{factor}", args.docs * factor, args.files * factor)
-                    for m in ("filters", "minhash"):
-                        with _PeakRSS() as mem:
-                            t, _ = run_ours(corpus, tmp / f"runs{factor}", args.cores, m)
-                        rows.append((m, factor, t, mem.peak))
-                for m in ("filters", "minhash"):
-                    (_, _, t1, m1), (_, _, t4, m4) = [r for r in rows if r[0] == m]
-                    print(f"scale {m}: 1x {args.docs} docs {t1:.2f}s peak {m1 / 2**20:.0f} MiB | 4x {t4:.2f}s peak {m4 / 2**20:.0f} MiB | time x{t4 / t1:.2f}, memory x{m4 / m1:.2f}")
+                scale(args, tmp)
                 return
-            corpus = make_corpus(tmp / "corpus", args.docs, args.files)
-            t_ours, ours = run_ours(corpus, tmp / "runs", args.cores, args.mode)
-            t_dt, dt = run_datatrove(corpus, tmp / "dt", args.cores, args.mode)
-            agree = 1 - len(ours["dropped_ids"] ^ dt["dropped_ids"]) / args.docs
-            print(f"mode={args.mode} docs={args.docs} files={args.files} cores={args.cores}")
-            print(f"ours:      {t_ours:8.2f}s {args.docs / t_ours:9.0f} docs/s  dropped {len(ours['dropped_ids'])}")
-            print(f"datatrove: {t_dt:8.2f}s {args.docs / t_dt:9.0f} docs/s  dropped {len(dt['dropped_ids'])}")
-            print(f"ratio (ours/datatrove throughput): {t_dt / t_ours:.2f}x   same decision on {agree:.2%} of documents")
+            _quiet_datatrove()
+            for repair in {"off": [False], "on": [True], "both": [False, True]}[args.repair]:
+                compare(args, tmp, repair)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
