@@ -1,14 +1,18 @@
-"""The trained model as a Hugging Face model folder: safetensors, tokenizer, model card, ONNX.
+"""The trained model as a Hugging Face model folder: safetensors, tokenizer, model card, ONNX, GGUF.
 
 The architecture (GPT-2 or Llama family) follows the model config (``pretrain/hf_convert.py``).
-The export is reloaded with ``AutoModelForCausalLM`` and must reproduce our logits before it is
-kept; the ONNX graph must reproduce the HF logits under onnxruntime.
+The consolidated checkpoint is streamed into safetensors shards (and the optional GGUF file,
+``pretrain/gguf_export.py``) one tensor at a time. The export is reloaded with
+``AutoModelForCausalLM`` and must reproduce our logits before it is kept; the ONNX graph must
+reproduce the HF logits under onnxruntime, the GGUF file ours through transformers' GGUF reader.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 
 from pretrain.evaluate import load_model
-from pretrain.hf_convert import hf_family, to_hf_model
+from pretrain.hf_convert import hf_config, hf_extra_tensors, hf_family, hf_tensors
 from pretrain.model import GPT
 from pretrain_pipeline import __version__
 from pretrain_pipeline.artifacts import (
@@ -29,7 +33,7 @@ from pretrain_pipeline.artifacts import (
     sha256_file,
     stage_is_current,
 )
-from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.config import ModelConfig, PipelineConfig
 
 LOGITS_ATOL = 1e-4
 
@@ -43,6 +47,8 @@ class ExportResult:
     family: str = ""
     onnx_path: str | None = None
     onnx_max_abs_logit_diff: float | None = None
+    gguf_path: str | None = None
+    gguf_max_abs_logit_diff: float | None = None
     skipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +115,8 @@ def _lineage(paths: RunPaths, manifest) -> list[str]:
 
 
 def model_card(
-    cfg: PipelineConfig, paths: RunPaths, model: GPT, tag: str, manifest, diff: float, onnx_diff: float | None = None
+    cfg: PipelineConfig, paths: RunPaths, model: GPT, tag: str, manifest, diff: float, onnx_diff: float | None = None,
+    gguf_diff: float | None = None,
 ) -> str:
     family = hf_family(cfg.model)
     c = cfg.model
@@ -158,6 +165,10 @@ def model_card(
     if onnx_diff is not None:
         lines += ["", "## ONNX", f"`model.onnx` (input `input_ids`, output `logits`, no KV cache) matches the "
                   f"transformers model within {onnx_diff:.2e} under onnxruntime."]
+    if gguf_diff is not None:
+        lines += ["", "## GGUF", f"`../gguf/model.gguf` ({cfg.export.gguf_dtype}, llama.cpp's `llama` architecture, "
+                  f"SentencePiece vocabulary) read back by transformers' GGUF loader matches our logits within "
+                  f"{gguf_diff:.2e}" + (" (against our weights rounded to f16)." if cfg.export.gguf_dtype == "f16" else ".")]
     lines += [
         "",
         "## Use",
@@ -173,11 +184,74 @@ def model_card(
     return "\n".join(lines)
 
 
-@torch.no_grad()
-def verify_export(hf_dir: Path, model: GPT, sample: torch.Tensor) -> float:
+def write_hf_weights(state: Mapping[str, Any], model_cfg: ModelConfig, out_dir: Path, max_shard_size: str) -> list[str]:
+    """Stream a (lazy) consolidated state dict into transformers-named safetensors shards.
+
+    One checkpoint tensor is built at a time and a shard is written as soon as the next tensor
+    would overflow it, so memory holds at most one shard, never the whole model. File names and
+    the index follow ``save_pretrained`` (``model.safetensors`` or ``model-0000i-of-0000n``).
+    """
+    from safetensors.torch import save_file
+    from transformers.utils.hub import convert_file_size_to_int
+
+    limit = convert_file_size_to_int(max_shard_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    total = 0
+
+    def flush() -> None:
+        save_file(shard, out_dir / f".part-{len(parts)}", metadata={"format": "pt"})
+        parts.append(list(shard))
+        shard.clear()
+
+    def add(name: str, t: torch.Tensor) -> None:
+        nonlocal total
+        t = t.contiguous()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()  # a view into a larger buffer (ZeRO-1/2 flat groups): save only its own bytes
+        if shard and sum(v.nbytes for v in shard.values()) + t.nbytes > limit:
+            flush()
+        shard[name] = t
+        total += t.nbytes
+
+    seen: set[int] = set()
+    for name, value in state.items():
+        if id(value) in seen:  # the second name of a tied weight
+            continue
+        seen.add(id(value))
+        for hf_name, t in hf_tensors(model_cfg, name, value.contiguous().detach().float()):
+            add(hf_name, t)
+    for hf_name, t in hf_extra_tensors(model_cfg).items():
+        add(hf_name, t)
+    if shard:
+        flush()
+    if len(parts) == 1:
+        (out_dir / ".part-0").rename(out_dir / "model.safetensors")
+        return ["model.safetensors"]
+    files = [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    for i, file in enumerate(files):
+        (out_dir / f".part-{i}").rename(out_dir / file)
+    index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, names in zip(files, parts) for n in names}}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def load_export(hf_dir: Path):
+    """The export reloaded by transformers; a weight it lacks or does not expect is an error
+    (from_pretrained would otherwise initialise it randomly and only warn)."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise RuntimeError(f"{hf_dir} does not fit its config.json: {problems}")
+    return hf.eval()
+
+
+@torch.no_grad()
+def verify_export(hf_dir: Path, model: GPT, sample: torch.Tensor, hf=None) -> float:
+    hf = hf if hf is not None else load_export(hf_dir)
     ours, _ = model(sample)
     theirs = hf(sample).logits
     diff = float((ours - theirs).abs().max())
@@ -198,26 +272,53 @@ def hf_tokenizer_for(manifest):
 
 
 def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportResult:
+    """Write export/hf (and export/gguf), then check each against our model.
+
+    The consolidated checkpoint is streamed into the files first (one tensor at a time); only then
+    are our model and each reloaded export held, for the logit checks: two model copies at most.
+    """
+    import shutil
+
     from transformers import GenerationConfig
 
-    from pretrain.checkpoint import latest_tag
+    from pretrain.checkpoint import latest_tag, load_consolidated_state_dict
+    from pretrain.data import load_manifest
+    from pretrain.model import resolve_vocab_size
 
     family = hf_family(cfg.model)  # refuse an unexportable architecture before any work
+    if cfg.export.gguf:
+        from pretrain.gguf_export import check_gguf_supported
+
+        check_gguf_supported(cfg.model)
     tag = latest_tag(paths.checkpoints)
     train_fp = (read_stage_record(paths.train) or {}).get("fingerprint")
     eval_fp = (read_stage_record(paths.eval) or {}).get("fingerprint")
     fp = fingerprint(cfg.export.model_dump(mode="json"), train_fp, eval_fp, tag)
     if not force and stage_is_current(paths.export, fp):
         return ExportResult(**{**(read_stage_record(paths.export) or {})["result"], "skipped": True})
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run the train stage first")
 
-    model, tag, manifest = load_model(cfg, paths, tag)
-    hf_model = to_hf_model(model, manifest.bos_id, manifest.eos_id, manifest.pad_id)
-    sample = torch.randint(0, model.vocab_size, (2, min(16, cfg.model.block_size)), generator=torch.Generator().manual_seed(0))
-    hf_dir = paths.export / "hf"
+    manifest = load_manifest(paths.shards)
+    vocab_size = resolve_vocab_size(cfg.model, manifest.vocab_size)
+    sample = torch.randint(0, vocab_size, (2, min(16, cfg.model.block_size)), generator=torch.Generator().manual_seed(0))
+    hf_dir, gguf_dir = paths.export / "hf", paths.export / "gguf"
     paths.export.mkdir(parents=True, exist_ok=True)
-    onnx_diff = None
-    with atomic_path(hf_dir) as tmp:
-        hf_model.save_pretrained(tmp, safe_serialization=True, max_shard_size=cfg.export.max_shard_size)
+    onnx_diff = gguf_diff = None
+    # No GGUF: nothing to rename into place (a stale one is removed below).
+    gguf_target = atomic_path(gguf_dir) if cfg.export.gguf else contextlib.nullcontext(None)
+    with atomic_path(hf_dir) as tmp, gguf_target as gguf_tmp:
+        state = load_consolidated_state_dict(paths.checkpoints, tag, lazy=True)
+        write_hf_weights(state, cfg.model, tmp, cfg.export.max_shard_size)
+        if cfg.export.gguf:
+            from pretrain.gguf_export import write_gguf
+
+            write_gguf(
+                gguf_tmp / "model.gguf", cfg.model, state, manifest.tokenizer_path, name=cfg.runtime.run_name,
+                bos_id=manifest.bos_id, eos_id=manifest.eos_id, pad_id=manifest.pad_id, dtype=cfg.export.gguf_dtype,
+            )
+        del state
+        hf_config(cfg.model, manifest.bos_id, manifest.eos_id, manifest.pad_id, vocab_size).save_pretrained(tmp)
         GenerationConfig(
             bos_token_id=manifest.bos_id, eos_token_id=manifest.eos_id, pad_token_id=manifest.pad_id,
             do_sample=cfg.eval.temperature > 0, temperature=cfg.eval.temperature or None,
@@ -230,19 +331,34 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
         tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
         tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        diff = verify_export(tmp, model, sample)
+
+        model, tag, manifest = load_model(cfg, paths, tag)
+        hf_model = load_export(tmp)
+        diff = verify_export(tmp, model, sample, hf=hf_model)
         if cfg.export.onnx:
             from pretrain.onnx_export import check_onnx, export_onnx
 
             onnx_path = export_onnx(hf_model, tmp / "onnx" / "model.onnx", sample, opset=cfg.export.onnx_opset)
             # A different shape from the traced one, so a graph frozen to the example fails here.
-            check_sample = torch.randint(0, model.vocab_size, (3, min(11, cfg.model.block_size)), generator=torch.Generator().manual_seed(1))
+            check_sample = torch.randint(0, vocab_size, (3, min(11, cfg.model.block_size)), generator=torch.Generator().manual_seed(1))
             onnx_diff = check_onnx(onnx_path, hf_model, check_sample)
-        (tmp / "README.md").write_text(model_card(cfg, paths, model, tag, manifest, diff, onnx_diff))
+        del hf_model
+        params = model.num_params(non_embedding=False)
+        if cfg.export.gguf:
+            from pretrain.gguf_export import check_gguf, f16_rounded_
+
+            # An f16 file holds our matrices rounded to f16: compare with exactly that, as sharply as f32.
+            # (In place: the model is not used for anything else after this.)
+            reference = f16_rounded_(model) if cfg.export.gguf_dtype == "f16" else model
+            gguf_diff = check_gguf(gguf_tmp / "model.gguf", reference, sample, LOGITS_ATOL)
+        (tmp / "README.md").write_text(model_card(cfg, paths, model, tag, manifest, diff, onnx_diff, gguf_diff))
+    if not cfg.export.gguf and gguf_dir.exists():  # an earlier export's file would look current
+        shutil.rmtree(gguf_dir)
     result = ExportResult(
-        hf_dir=str(hf_dir), checkpoint_tag=tag, max_abs_logit_diff=diff, params=model.num_params(non_embedding=False),
+        hf_dir=str(hf_dir), checkpoint_tag=tag, max_abs_logit_diff=diff, params=params,
         family=family, onnx_path=str(hf_dir / "onnx" / "model.onnx") if onnx_diff is not None else None,
-        onnx_max_abs_logit_diff=onnx_diff,
+        onnx_max_abs_logit_diff=onnx_diff, gguf_path=str(gguf_dir / "model.gguf") if gguf_diff is not None else None,
+        gguf_max_abs_logit_diff=gguf_diff,
     )
     mark_stage_done(paths.export, fp, {"result": result.to_dict(), "checkpoint_tag": tag})
     return result

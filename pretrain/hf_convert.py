@@ -18,6 +18,7 @@ from pretrain.model import NORM_EPS, GPT, swiglu_hidden
 from pretrain_pipeline.config import ModelConfig
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 FAMILIES = {
     ("learned", "layernorm", "gelu"): "gpt2",
     ("rope", "rmsnorm", "swiglu"): "llama",
@@ -34,14 +35,17 @@ def hf_family(cfg: ModelConfig) -> str:
     return FAMILIES[key]
 
 
-def hf_config(model: GPT, bos_id: int, eos_id: int, pad_id: int):
-    c = model.config
-    special = dict(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=c.tie_embeddings)
+def hf_config(model: GPT | ModelConfig, bos_id: int, eos_id: int, pad_id: int, vocab_size: int | None = None):
+    """The transformers config of our model (or of a model config plus ``vocab_size``)."""
+    c = model.config if isinstance(model, GPT) else model
+    vocab_size = vocab_size or model.vocab_size
+    special = dict(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id, tie_word_embeddings=c.tie_embeddings,
+                   architectures=[HF_CLASSES[hf_family(c)]])  # written to config.json for AutoModel
     if hf_family(c) == "gpt2":
         from transformers import GPT2Config
 
         return GPT2Config(
-            vocab_size=model.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+            vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
             n_head=c.n_head, n_inner=4 * c.n_embd,
             activation_function="gelu",  # exact erf GELU, as F.gelu in our MLP
             resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
@@ -50,7 +54,7 @@ def hf_config(model: GPT, bos_id: int, eos_id: int, pad_id: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=model.vocab_size, hidden_size=c.n_embd, intermediate_size=swiglu_hidden(c.n_embd),
+        vocab_size=vocab_size, hidden_size=c.n_embd, intermediate_size=swiglu_hidden(c.n_embd),
         num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
         head_dim=c.n_embd // c.n_head, max_position_embeddings=c.block_size, hidden_act="silu",
         rms_norm_eps=NORM_EPS, rope_theta=c.rope_theta, attention_bias=c.bias, mlp_bias=c.bias,
@@ -58,15 +62,18 @@ def hf_config(model: GPT, bos_id: int, eos_id: int, pad_id: int):
     )
 
 
-def _gpt2_state_dict(model: GPT, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    c = model.config
-    out = {k: (v.t().contiguous() if k.endswith(CONV1D) else v.clone()) for k, v in ours.items()}
-    zeros = {"ln_1.bias": c.n_embd, "ln_2.bias": c.n_embd, "attn.c_attn.bias": 3 * c.n_embd,
+def _gpt2_tensors(name: str, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    return [(name, value.t().contiguous() if name.endswith(CONV1D) else value)]
+
+
+def _gpt2_zero_biases(c: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF GPT-2 always has biases; ``bias: false`` means they are zero (norms included)."""
+    if c.bias:
+        return {}
+    sizes = {"ln_1.bias": c.n_embd, "ln_2.bias": c.n_embd, "attn.c_attn.bias": 3 * c.n_embd,
              "attn.c_proj.bias": c.n_embd, "mlp.c_fc.bias": 4 * c.n_embd, "mlp.c_proj.bias": c.n_embd}
-    for i in range(c.n_layer):
-        for name, size in zeros.items():
-            out.setdefault(f"transformer.h.{i}.{name}", torch.zeros(size))
-    out.setdefault("transformer.ln_f.bias", torch.zeros(c.n_embd))
+    out = {f"transformer.h.{i}.{name}": torch.zeros(size) for i in range(c.n_layer) for name, size in sizes.items()}
+    out["transformer.ln_f.bias"] = torch.zeros(c.n_embd)
     return out
 
 
@@ -80,42 +87,46 @@ LLAMA_RENAMES = {
 }
 
 
-def _llama_state_dict(model: GPT, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, value in ours.items():
-        if key == "transformer.wte.weight":
-            out["model.embed_tokens.weight"] = value
-        elif key == "transformer.ln_f.weight":
-            out["model.norm.weight"] = value
-        elif key == "lm_head.weight":
-            out[key] = value
-        elif key.startswith("transformer.h."):
-            _, _, i, rest = key.split(".", 3)
-            prefix = f"model.layers.{i}."
-            if rest.startswith("attn.c_attn."):
-                # c_attn's output is [q; k; v] along dim 0 (see CausalSelfAttention.split).
-                kind = rest.rsplit(".", 1)[1]
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out[f"{prefix}self_attn.{name}.{kind}"] = part.clone()
-                continue
-            for src, dst in LLAMA_RENAMES.items():
-                if rest.startswith(src):
-                    out[prefix + dst + rest[len(src):]] = value
-                    break
-            else:
-                raise KeyError(f"no Llama name for {key}")
-        else:
-            raise KeyError(f"no Llama name for {key}")
-    return out
+def _llama_tensors(name: str, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    if name == "transformer.wte.weight":
+        return [("model.embed_tokens.weight", value)]
+    if name == "transformer.ln_f.weight":
+        return [("model.norm.weight", value)]
+    if name == "lm_head.weight":
+        return [(name, value)]
+    if name.startswith("transformer.h."):
+        _, _, i, rest = name.split(".", 3)
+        prefix = f"model.layers.{i}."
+        if rest.startswith("attn.c_attn."):
+            # c_attn's output is [q; k; v] along dim 0 (see CausalSelfAttention.split).
+            kind = rest.rsplit(".", 1)[1]
+            return [(f"{prefix}self_attn.{part}.{kind}", t.clone())  # own memory: saved on their own
+                    for part, t in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0))]
+        for src, dst in LLAMA_RENAMES.items():
+            if rest.startswith(src):
+                return [(prefix + dst + rest[len(src):], value)]
+    raise KeyError(f"no Llama name for {name}")
+
+
+def hf_tensors(cfg: ModelConfig, name: str, value: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """One of our tensors under its transformers name(s): the per-tensor step of the mapping, so
+    a writer can stream a checkpoint tensor by tensor. A tied ``lm_head`` maps to nothing."""
+    if cfg.tie_embeddings and name == "lm_head.weight":
+        return []
+    return _gpt2_tensors(name, value) if hf_family(cfg) == "gpt2" else _llama_tensors(name, value)
+
+
+def hf_extra_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Tensors transformers has and we do not (GPT-2's biases when ``bias: false``)."""
+    return _gpt2_zero_biases(cfg) if hf_family(cfg) == "gpt2" else {}
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our weights (fp32, CPU) under the transformers names of ``hf_family(model.config)``."""
-    ours = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out = _gpt2_state_dict(model, ours) if hf_family(model.config) == "gpt2" else _llama_state_dict(model, ours)
-    if model.config.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+    out: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        out.update(hf_tensors(model.config, name, value.detach().float().cpu().clone()))
+    return {**out, **hf_extra_tensors(model.config)}
 
 
 def to_hf_model(model: GPT, bos_id: int, eos_id: int, pad_id: int):

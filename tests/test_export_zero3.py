@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 STEPS = 6
 TAG = f"step_{STEPS:06d}"
+OTHER_STAGES = (0, 2)  # checkpoints the worker also writes, for the other consolidation paths
 
 
 def make_cfg(root: Path):
@@ -49,6 +50,7 @@ def worker(run_dir: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    from pretrain.checkpoint import save_checkpoint
     from pretrain.data import ShardDataset, load_manifest
     from pretrain.engine import build_engine
     from pretrain.model import GPT, resolve_vocab_size
@@ -69,15 +71,31 @@ def worker(run_dir: str) -> None:
         _, loss = engine(x, y)
         engine.backward(loss)
         engine.step()
-    engine.save_checkpoint(str(paths.checkpoints), tag=TAG)
+    # The pipeline's save: DeepSpeed files on every rank, then rank 0's completion record and latest.
+    save_checkpoint(engine, paths.checkpoints, TAG, {"step": STEPS}, keep=1)
     params = list(engine.module.parameters())
     assert all(hasattr(p, "ds_id") for p in params), "expected ZeRO-3 partitioned parameters"
     with deepspeed.zero.GatheredParameters(params):
         live = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     if rank == 0:
         torch.save(live, paths.root / "live_weights.pt")
-        (paths.checkpoints / "latest").write_text(TAG)
     dist.barrier()
+    # The other consolidation paths, same world: ZeRO-0 (full weights in one file) and ZeRO-2
+    # (flat fp32 groups split across the ranks). One step each from a fresh model.
+    for stage in OTHER_STAGES:
+        torch.manual_seed(cfg.train.seed + stage)
+        other = build_engine(GPT(cfg.model, resolve_vocab_size(cfg.model, manifest.vocab_size)),
+                             cfg.train.model_copy(update={"zero_stage": stage}), world)
+        other.set_lr(0)
+        x, y = data.next_batch()
+        _, loss = other(x, y)
+        other.backward(loss)
+        other.step()
+        save_checkpoint(other, paths.root / f"checkpoints_zero{stage}", TAG, {"step": 1}, keep=1)
+        if rank == 0:
+            live = {k: v.detach().clone() for k, v in other.module.state_dict().items()}
+            torch.save(live, paths.root / f"live_weights_zero{stage}.pt")
+        dist.barrier()
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +134,78 @@ def test_zero3_consolidation_equals_the_live_weights(run):
     # Training moved the weights away from init, so this compares something.
     init = __import__("pretrain.model", fromlist=["GPT"]).GPT(cfg.model, 320)
     assert not torch.equal(init.state_dict()["transformer.h.0.attn.c_attn.weight"], merged["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_lazy_zero3_consolidation_gives_the_eager_tensors(run):
+    from deepspeed.utils.zero_to_fp32 import GatheredTensor, get_fp32_state_dict_from_zero_checkpoint
+
+    from pretrain.checkpoint import load_consolidated_state_dict
+
+    _, paths = run
+    lazy = load_consolidated_state_dict(paths.checkpoints, TAG, lazy=True)
+    # Nothing gathered yet: every parameter is a recipe over the two ranks' memory-mapped partitions.
+    assert lazy and all(isinstance(v, GatheredTensor) for v in lazy.values())
+    eager = load_consolidated_state_dict(paths.checkpoints, TAG)
+    deepspeed_eager = get_fp32_state_dict_from_zero_checkpoint(str(paths.checkpoints), tag=TAG)
+    assert set(lazy) == set(eager) == set(deepspeed_eager)
+    for key, value in lazy.items():
+        built = value.contiguous().float()
+        assert built.shape == value.shape
+        torch.testing.assert_close(built, eager[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(built, deepspeed_eager[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("stage", OTHER_STAGES)
+def test_zero0_and_zero2_consolidation_equal_the_live_weights(run, stage):
+    from pretrain.checkpoint import load_consolidated_state_dict
+
+    _, paths = run
+    ckpt = paths.root / f"checkpoints_zero{stage}"
+    assert bool(list((ckpt / TAG).glob("*optim_states.pt"))) == (stage > 0)
+    live = torch.load(paths.root / f"live_weights_zero{stage}.pt", weights_only=True)
+    eager = load_consolidated_state_dict(ckpt, TAG)
+    lazy = load_consolidated_state_dict(ckpt, TAG, lazy=True)
+    assert set(eager) == set(lazy) == set(live)
+    for key in live:
+        torch.testing.assert_close(eager[key], live[key].float(), rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(lazy[key].contiguous().float(), eager[key], rtol=0, atol=0, msg=key)
+
+
+def test_zero0_weights_are_read_without_running_pickled_code(run, tmp_path):
+    """ZeRO-0 weights are loaded with weights_only=True: a model file that pickles an arbitrary
+    object is refused by name (the stock loader would have rebuilt it)."""
+    import argparse
+    import shutil
+
+    from pretrain.checkpoint import CheckpointError, load_consolidated_state_dict
+
+    _, paths = run
+    ckpt = tmp_path / "checkpoints"
+    shutil.copytree(paths.root / "checkpoints_zero0" / TAG, ckpt / TAG)
+    (model_file,) = (ckpt / TAG).glob("*model_states.pt")
+    state = torch.load(model_file, weights_only=False)
+    torch.save({**state, "smuggled": argparse.Namespace(x=1)}, model_file)
+    with pytest.raises(CheckpointError, match=model_file.name):
+        load_consolidated_state_dict(ckpt, TAG)
+
+
+def test_zero2_checkpoint_streams_into_small_safetensors_shards(run, tmp_path):
+    """ZeRO-2's lazy values are views into one flat fp32 vector; the streamed shards must hold
+    each tensor's own bytes and reload (sharded, with an index) to the live model's logits."""
+    from pretrain.export import load_export, verify_export, write_hf_weights
+    from pretrain.checkpoint import load_consolidated_state_dict
+    from pretrain.hf_convert import hf_config
+    from pretrain.model import GPT
+
+    cfg, paths = run
+    ckpt = paths.root / "checkpoints_zero2"
+    files = write_hf_weights(load_consolidated_state_dict(ckpt, TAG, lazy=True), cfg.model, tmp_path, "60KB")
+    assert len(files) > 2 and json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    hf_config(cfg.model, 1, 2, 3, 320).save_pretrained(tmp_path)
+    ours = GPT(cfg.model, 320).eval()
+    ours.load_state_dict(torch.load(paths.root / "live_weights_zero2.pt", weights_only=True))
+    x = torch.randint(0, 320, (2, cfg.model.block_size), generator=torch.Generator().manual_seed(5))
+    assert verify_export(tmp_path, ours, x, hf=load_export(tmp_path)) <= 1e-4
 
 
 def test_evaluate_writes_hashes_and_logs_to_wandb(run):
@@ -268,6 +358,41 @@ def test_lm_eval_runs_local_tasks_on_checkpoint_and_export(run, task_dir, monkey
         logp = torch.log_softmax(lm.model(torch.tensor([ids[:-1]]))[0][0], -1)
     direct = float(logp.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
     assert lm.loglikelihood_rolling([req])[0] == pytest.approx(direct, abs=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_export_writes_a_checked_gguf_and_sharded_safetensors(run, dtype):
+    """export.gguf on the trained ZeRO-3 checkpoint: the file transformers reads back gives our
+    logits (f16: our weights rounded to f16); tiny shards exercise the streamed safetensors."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.evaluate import load_model
+    from pretrain.export import export
+    from pretrain.gguf_export import f16_rounded_
+
+    cfg, paths = run
+    cfg = cfg.model_copy(update={"export": cfg.export.model_copy(
+        update={"gguf": True, "gguf_dtype": dtype, "onnx": False, "max_shard_size": "100KB"})})
+    ex = export(cfg, paths)
+    assert ex.gguf_path == str(paths.export / "gguf" / "model.gguf") and ex.gguf_max_abs_logit_diff <= 1e-4
+    hf_dir = Path(ex.hf_dir)
+    assert len(json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]) == 2 + 2 * 9 + 1
+    assert "## GGUF" in (hf_dir / "README.md").read_text()
+    meta = {k: f.contents() for k, f in GGUFReader(ex.gguf_path).fields.items()}
+    assert meta["general.architecture"] == "llama" and meta["general.file_type"] == {"f32": 0, "f16": 1}[dtype]
+    assert meta["llama.rope.freq_base"] == 50000.0 and meta["llama.context_length"] == cfg.model.block_size
+
+    ours, _, _ = load_model(cfg, paths)
+    if dtype == "f16":
+        f16_rounded_(ours)
+    gguf = AutoModelForCausalLM.from_pretrained(paths.export / "gguf", gguf_file="model.gguf", dtype=torch.float32)
+    x = torch.randint(0, 320, (2, cfg.model.block_size), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (ours(x)[0] - gguf(x).logits).abs().max() <= 1e-4
+    # Switched off again: the stale file goes, so an export never shows an unchecked GGUF.
+    plain = cfg.model_copy(update={"export": cfg.export.model_copy(update={"gguf": False})})
+    assert export(plain, paths).gguf_path is None and not (paths.export / "gguf").exists()
 
 
 if __name__ == "__main__":
