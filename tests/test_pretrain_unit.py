@@ -233,10 +233,16 @@ def test_bits_per_byte_counts_the_text_bytes(run_dir):
 
 
 def test_prune_keeps_newest(tmp_path):
+    from pretrain.checkpoint import write_completion_record
+
     for step in (5, 10, 15, 20):
         (tmp_path / f"step_{step:06d}").mkdir()
+        (tmp_path / f"step_{step:06d}" / "mp_rank_00_model_states.pt").write_bytes(b"x" * step)
+        write_completion_record(tmp_path / f"step_{step:06d}")
+    (tmp_path / "step_000007").mkdir()  # an interrupted save older than the newest complete tag
+    (tmp_path / "step_000025").mkdir()  # one newer: a save still running (or killed) is left alone
     (tmp_path / "latest").write_text("step_000020")
-    assert prune_checkpoints(tmp_path, keep=2) == ["step_000005", "step_000010"]
+    assert prune_checkpoints(tmp_path, keep=2) == ["step_000005", "step_000007", "step_000010"]
     assert list_tags(tmp_path) == ["step_000015", "step_000020"]
     assert latest_tag(tmp_path) == "step_000020"
 
