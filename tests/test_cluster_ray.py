@@ -1,32 +1,22 @@
 """Multi-node data prep, proven on one machine: a Ray head and a separate worker node (two
 `ray start` processes with their own resources), the clean and tokenize stages run against that
-cluster's address, tasks land on both nodes, and the outputs equal a single-node run's."""
+cluster's address, tasks land on both nodes, and the outputs equal a single-node run's.
+
+The cluster is the ``two_node_cluster`` fixture in conftest.py (tests/test_train_ray.py uses it too)."""
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, run_name: str) -> Path:
@@ -53,44 +43,6 @@ def _stage(args: list[str], tmp_path: Path, env: dict[str, str]) -> dict:
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(proc.stdout[proc.stdout.index("{\n"):])
-
-
-@pytest.fixture(scope="module")
-def two_node_cluster():
-    # Ray's unix socket paths must stay short, hence a short temp dir of our own.
-    temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")
-    gcs_port, dash_port = _free_port(), _free_port()
-    # Ray 2.60 heads require a cluster token; every node and driver must present the same one.
-    token = Path(temp_dir) / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    token.chmod(0o600)
-    # Only this cluster's processes and drivers get the token: Ray keeps auth state per process,
-    # and the pytest process itself starts local (token-less) Rays in other tests.
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    env = {**os.environ, **auth, "RAY_USAGE_STATS_ENABLED": "0"}
-    head = [
-        RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-        "--num-cpus", "1", "--resources", '{"head_node": 1}', "--temp-dir", temp_dir,
-        "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-        "--disable-usage-stats",
-    ]
-    worker = [
-        RAY, "start", "--address", f"127.0.0.1:{gcs_port}", "--node-ip-address", "127.0.0.1",
-        "--num-cpus", "1", "--resources", '{"worker_node": 1}', "--disable-usage-stats",
-    ]
-    try:
-        subprocess.run(head, env=env, check=True, capture_output=True, timeout=180)
-        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=180)
-        wait_for_two = (
-            "import ray, time; ray.init(address='127.0.0.1:%d', log_to_driver=False)\n"
-            "deadline = time.time() + 60\n"
-            "while len([n for n in ray.nodes() if n['Alive']]) < 2 and time.time() < deadline: time.sleep(1)\n"
-            "assert len([n for n in ray.nodes() if n['Alive']]) == 2, 'worker node did not join'\n"
-        ) % gcs_port
-        subprocess.run([sys.executable, "-c", wait_for_two], env=env, check=True, capture_output=True, timeout=180)
-        yield f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def test_data_stages_on_two_nodes_equal_single_node(two_node_cluster, tmp_path):
