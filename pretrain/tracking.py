@@ -3,6 +3,19 @@
 ``metrics.jsonl`` is always written (the report and tests read it without W&B); W&B runs in the
 mode the config names (offline by default: files under ``runs/<name>/wandb/``, sync later with
 ``wandb sync``). Only rank 0 should create a Tracker. The API key, if any, stays in the environment.
+
+Resuming after a crash or ``kill -9`` (``resume_id`` = the id saved in the checkpoint):
+
+* Each Tracker talks to a W&B service (``wandb-core``) started by its own process. A service
+  inherited through ``WANDB_SERVICE`` (set by any parent that used W&B: the Prefect flow process,
+  pytest, a notebook) outlives a killed rank and keeps the dead run's stream open, so the resumed
+  run's ``wandb.init`` gets "run ID ... is in use" until that parent exits. Our own service exits
+  with our process (wandb-core watches its parent), so nothing holds the id after a kill.
+* A resumed run re-runs the steps after its checkpoint, some of which the killed process already
+  logged. W&B online drops steps below the resumed run's step by itself; offline nothing does, so we
+  read the last step in this run's earlier ``.wandb`` logs and skip W&B logging up to it
+  (``metrics.jsonl`` still gets every line). ``wandb sync`` of all the run's folders then yields
+  one history with each step once.
 """
 
 from __future__ import annotations
@@ -10,6 +23,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +40,48 @@ def _clean(value: Any) -> Any:
     return value
 
 
-RUN_ID_WAIT_SECONDS = 120.0
+# WANDB_SERVICE is "<version>-<pid of the process that started the service>-<unix|tcp>-...".
+_SERVICE_OWNER = re.compile(r"^\d+-(\d+)-")
+
+
+def drop_inherited_wandb_service() -> bool:
+    """Forget a W&B service started by another process, so ``wandb.init`` starts our own.
+
+    Returns True if one was dropped.
+    """
+    token = os.environ.get("WANDB_SERVICE")
+    if not token:
+        return False
+    owner = _SERVICE_OWNER.match(token)
+    if owner and int(owner.group(1)) == os.getpid():
+        return False  # ours (an earlier Tracker in this process): reuse it
+    # Read once, when this process first talks to W&B: call this before any other W&B use.
+    os.environ.pop("WANDB_SERVICE")
+    return True
+
+
+def run_log_files(wandb_dir: str | Path, run_id: str) -> list[Path]:
+    """The transaction logs (``.wandb``) of every earlier process of this run, oldest first."""
+    return sorted(Path(wandb_dir).glob(f"*-{run_id}/run-{run_id}.wandb"))
+
+
+def last_logged_step(log_file: str | Path) -> int | None:
+    """The last history step committed to a ``.wandb`` log, read with W&B's own reader
+    (``wandb leet inspect --summary --json``, run through wandb-core directly to skip the CLI's
+    start-up). None if the log holds no history row yet."""
+    from wandb.util import get_core_path
+
+    log_file = Path(log_file)
+    cmd = [get_core_path(), "leet", "inspect", "--no-observability", "--summary", "--json",
+           "--run-file", str(log_file), str(log_file.parent.parent)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise RuntimeError(f"could not read W&B log {log_file}: {out.stderr.strip() or out.stdout.strip()}")
+    summary = json.loads(out.stdout)
+    # "step" is 0 for a log without history rows; the summary's "_step" tells the two apart.
+    if "_step" not in (summary.get("summary") or {}):
+        return None
+    return int(summary["step"])
 
 
 class Tracker:
@@ -41,6 +98,8 @@ class Tracker:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.metrics_path, "a", buffering=1, encoding="utf-8")
         self._run = None
+        # W&B history already holds steps below this (logged by an earlier, killed process).
+        self.first_wandb_step = 0
         self.mode = cfg.wandb_mode
         if cfg.wandb_mode == "disabled":
             return
@@ -48,7 +107,26 @@ class Tracker:
 
         if cfg.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
             raise RuntimeError("tracking.wandb_mode is online but WANDB_API_KEY is not set in the environment")
-        kwargs = dict(
+        drop_inherited_wandb_service()
+        wandb_dir = self.run_dir / "wandb"
+        if resume_id:
+            steps = []
+            for log_file in run_log_files(wandb_dir, resume_id):
+                try:
+                    step = last_logged_step(log_file)
+                except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as err:
+                    # A damaged log must not stop a resume; at worst W&B sees some steps twice.
+                    print(f"[tracking] warning: {err}; its steps may be logged again", file=sys.stderr, flush=True)
+                    continue
+                if step is not None:
+                    steps.append(step)
+            self.first_wandb_step = max(steps) + 1 if steps else 0
+            # W&B names a run's folder by its start second; a restart within that second would
+            # write into the killed process's folder and log file.
+            prefix = "offline-run" if cfg.wandb_mode == "offline" else "run"
+            while (wandb_dir / f"{prefix}-{time.strftime('%Y%m%d_%H%M%S')}-{resume_id}").exists():
+                time.sleep(0.1)
+        self._run = wandb.init(
             project=cfg.project,
             entity=cfg.entity,
             tags=cfg.tags or None,
@@ -60,17 +138,8 @@ class Tracker:
             resume="allow",
             settings=wandb.Settings(console="off", x_disable_stats=True, save_code=False, disable_git=True),
         )
-        # After a preemption or kill -9, the dead run's W&B service can hold the run id for a while
-        # ("run ID ... is in use"); a resumed run waits for it rather than failing or forking.
-        deadline = time.monotonic() + RUN_ID_WAIT_SECONDS
-        while True:
-            try:
-                self._run = wandb.init(**kwargs)
-                break
-            except Exception as err:  # noqa: BLE001 - wandb raises its own error types per version
-                if "in use" not in str(err) or time.monotonic() > deadline:
-                    raise
-                time.sleep(3)
+        # Online, the server tells a resumed run where its history ends.
+        self.first_wandb_step = max(self.first_wandb_step, self._run.starting_step or 0)
 
     @property
     def run_id(self) -> str | None:
@@ -86,7 +155,7 @@ class Tracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(record) + "\n")
-        if self._run is not None:
+        if self._run is not None and step >= self.first_wandb_step:
             self._run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:

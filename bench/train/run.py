@@ -1,0 +1,230 @@
+"""Training benchmark: our trainer vs a plain PyTorch loop, and per-rank memory for ZeRO 0-3.
+
+    .venv/bin/python bench/train/run.py                  # make bench-train
+    .venv/bin/python bench/train/run.py --steps 200 --repeat 2 --wandb disabled
+
+The same tiny GPT (4 layers, 128 wide, block 128, on synthetic shards from
+``pretrain.synthetic``) for the same steps, micro-batch and seed, in the same run:
+
+* ours:  ``pretrain.launch.train`` (the real launcher: torchrun, ``pretrain.train`` ranks, the
+  DeepSpeed engine, per-step collectives, metrics.jsonl and W&B offline), ZeRO-1 and ZeRO-3, at 1
+  and 2 ranks;
+* plain: ``bench/train/plain.py``: GPT, AdamW, clipping and the same loader in a bare loop (DDP
+  over gloo for 2 ranks), started with the environment ``pretrain.launch.build_env`` gives the
+  ranks, so the thread count (``OMP_NUM_THREADS``) is the same.
+
+Throughput is steady state: both sides time windows of ``--log-every`` steps the same way
+(``train/tokens_per_s`` in metrics.jsonl), and only windows after the first ``--warmup`` steps
+count, so process start-up, DeepSpeed set-up and first-step allocation are outside the clock.
+Printed: tokens/s (all ranks) and the ratio to the plain loop at the same rank count; target at
+1 rank on CPU >= 0.95. With ``--repeat`` the cases are interleaved and each keeps its best.
+
+Then ``bench/train/memory.py`` builds the real engines for ZeRO 0/1/2/3 at 2 ranks and prints the
+bytes each rank holds for weights, gradients, the fp32 master copy and Adam's moments, next to
+``pretrain-pipeline plan``'s estimate, and the ratio to ZeRO-0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+MiB = 1024**2
+
+
+def make_cfg(root: Path, zero: int, nproc: int, args: argparse.Namespace):
+    from pretrain_pipeline.config import build_config
+
+    return build_config(
+        {
+            "data": {"sample_corpus": True},
+            "tokenizer": {"vocab_size": args.vocab},
+            "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "dropout": 0.0},
+            "train": {
+                "zero_stage": zero, "nproc_per_node": nproc, "micro_batch_size": args.micro_batch,
+                "grad_accum_steps": 1, "max_steps": args.steps, "warmup_steps": 5, "lr": 1e-3, "min_lr": 1e-4,
+                "log_every": args.log_every, "eval_every": 10**6, "eval_batches": 1, "checkpoint_every": 10**6,
+                "keep_last_checkpoints": 1, "device": "cpu", "precision": "fp32",
+            },
+            "tracking": {"wandb_mode": args.wandb},
+            "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
+        }
+    )
+
+
+def new_run(work: Path, data: Path, name: str):
+    from pretrain_pipeline.artifacts import RunPaths
+
+    paths = RunPaths(work / name)
+    if paths.root.exists():
+        shutil.rmtree(paths.root)
+    for sub in ("tokenizer", "shards"):
+        shutil.copytree(data / sub, paths.root / sub)
+    return paths
+
+
+def steady_tokens_per_s(records: list[dict], warmup: int, log_every: int) -> tuple[float, float]:
+    """(overall, fastest window) tokens/s over the full ``log_every``-step windows that start after
+    ``warmup`` steps. Windows hold equal tokens, so the overall rate is their harmonic mean; the
+    fastest window is the steadier figure on a machine shared with other work."""
+    rates = [r["train/tokens_per_s"] for r in records
+             if r.get("train/tokens_per_s") and r["step"] % log_every == 0 and r["step"] - log_every >= warmup]
+    if not rates:
+        raise RuntimeError(f"no timed window after step {warmup}: raise --steps")
+    return len(rates) / sum(1.0 / r for r in rates), max(rates)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_ours(work: Path, data: Path, zero: int, nproc: int, args) -> tuple[float, float]:
+    from pretrain.launch import train
+
+    paths = new_run(work, data, f"ours-z{zero}-n{nproc}")
+    cfg = make_cfg(paths.root, zero, nproc, args)
+    log = open(work / f"{paths.root.name}.log", "w")
+    train(cfg, paths, force=True, log=lambda line: log.write(line + "\n"))
+    log.close()
+    return steady_tokens_per_s(read_jsonl(paths.metrics), args.warmup, args.log_every)
+
+
+def run_plain(work: Path, data: Path, nproc: int, args) -> tuple[float, float]:
+    from pretrain.launch import build_env
+    from pretrain_pipeline.config import dump_config
+
+    paths = new_run(work, data, f"plain-n{nproc}")
+    cfg = make_cfg(paths.root, 0, nproc, args)
+    paths.config.write_text(dump_config(cfg))
+    out = paths.root / "plain.jsonl"
+    script = [str(ROOT / "bench" / "train" / "plain.py"), "--run-dir", str(paths.root), "--out", str(out)]
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    with open(work / f"{paths.root.name}.log", "w") as log:
+        subprocess.run(launcher + script, env=build_env(cfg), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return steady_tokens_per_s(read_jsonl(out), args.warmup, args.log_every)
+
+
+def run_memory(work: Path, data: Path, args) -> list[dict]:
+    from pretrain.launch import build_env
+    from pretrain_pipeline.config import dump_config
+
+    paths = new_run(work, data, "memory")
+    cfg = make_cfg(paths.root, 0, 2, args)
+    paths.config.write_text(dump_config(cfg))
+    out = paths.root / "memory.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "bench" / "train" / "memory.py"), "--run-dir", str(paths.root), "--out", str(out),
+           "--persistence-threshold", str(10 * cfg.model.n_embd)]
+    with open(work / "memory.log", "w") as log:
+        subprocess.run(cmd, env=build_env(cfg), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return read_jsonl(out), cfg
+
+
+def print_memory(records: list[dict], cfg, vocab_size: int) -> None:
+    from pretrain.plan import make_plan
+
+    cols = ("weights", "grads", "master", "adam", "other", "total")
+    print(f"\nper-rank parameter + gradient + optimizer memory at 2 ranks, fp32, MiB "
+          f"({records[0]['params']:,} params; measured from the engines after backward)")
+    print(f"{'case':<24}{'rank':>5}" + "".join(f"{c:>9}" for c in cols) + f"{'plan':>9}{'vs ZeRO-0':>11}")
+    base = max(r["total"] for r in records[0]["per_rank"])
+    for rec in records:
+        plan = make_plan(cfg.model_copy(update={"train": cfg.train.model_copy(update={"zero_stage": rec["stage"]})}),
+                         vocab_size, 2)
+        plan_mib = (plan.weights_gb + plan.grads_gb + plan.optimizer_gb) * 1024
+        for rank, held in enumerate(rec["per_rank"]):
+            row = "".join(f"{held.get(c, 0) / MiB:>9.2f}" for c in cols)
+            print(f"{rec['case'] if rank == 0 else '':<24}{rank:>5}{row}{plan_mib:>9.2f}{held['total'] / base:>10.2f}x")
+        kept = rec["per_rank"][0]["persistent_params"]
+        if rec["stage"] == 3 and kept:
+            print(f"{'':<29}({kept} parameter tensors kept whole on every rank: "
+                  "below stage3_param_persistence_threshold)")
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--warmup", type=int, default=20, help="steps left out of the timed windows")
+    ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=320)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--ranks", default="1,2")
+    ap.add_argument("--stages", default="1,3", help="ZeRO stages of our trainer to time")
+    ap.add_argument("--wandb", choices=["offline", "disabled"], default="offline")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS per rank for both sides (default: what pretrain.launch.build_env picks)")
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temporary one)")
+    args = ap.parse_args()
+    if args.threads:  # build_env keeps it, so both sides run with it
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("PRETRAIN_PIPELINE_STATE", str(ROOT / ".state"))
+
+    from pretrain.synthetic import make_synthetic_run
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    if not (data / "shards" / "manifest.json").exists():
+        make_synthetic_run(data, n_train_docs=3000, n_val_docs=100, vocab_size=args.vocab)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    stages = [int(s) for s in args.stages.split(",")]
+    best: dict[tuple[str, int], float] = {}  # overall steady-state rate, best of the repeats
+    peak: dict[tuple[str, int], float] = {}  # fastest single window over all repeats
+    for _ in range(args.repeat):
+        for n in ranks:
+            cases = [("plain", n, lambda n=n: run_plain(work, data, n, args))]
+            cases += [(f"ZeRO-{z}", n, lambda z=z, n=n: run_ours(work, data, z, n, args)) for z in stages]
+            for name, n_, fn in cases:
+                rate, fastest = fn()
+                best[(name, n_)] = max(best.get((name, n_), 0.0), rate)
+                peak[(name, n_)] = max(peak.get((name, n_), 0.0), fastest)
+                print(f"  {name:<8} ranks {n_}: {rate:,.0f} tokens/s (fastest window {fastest:,.0f})", flush=True)
+
+    from pretrain.launch import build_env
+
+    threads = {n: build_env(make_cfg(work / "x", 0, n, args))["OMP_NUM_THREADS"] for n in ranks}
+    print(f"\ntiny GPT 4x128, block 128, vocab {args.vocab}, micro-batch {args.micro_batch}, {args.steps} steps "
+          f"(timed: steps {args.warmup + 1}-{args.steps} in windows of {args.log_every}), fp32 CPU, "
+          f"W&B {args.wandb}, best of {args.repeat}")
+    print(f"{'case':<28}{'ranks':>6}{'threads/rank':>14}{'tokens/s':>11}{'vs plain':>10}"
+          f"{'fastest window':>16}{'vs plain':>10}")
+    for n in ranks:
+        plain, plain_peak = best[("plain", n)], peak[("plain", n)]
+        label = "plain PyTorch loop" if n == 1 else "plain PyTorch DDP loop"
+        print(f"{label:<28}{n:>6}{threads[n]:>14}{plain:>11,.0f}{1.0:>9.2f}x{plain_peak:>16,.0f}{1.0:>9.2f}x")
+        for z in stages:
+            rate, fastest = best[(f"ZeRO-{z}", n)], peak[(f"ZeRO-{z}", n)]
+            print(f"{'ours (launch.train) ZeRO-' + str(z):<28}{n:>6}{threads[n]:>14}{rate:>11,.0f}{rate / plain:>9.2f}x"
+                  f"{fastest:>16,.0f}{fastest / plain_peak:>9.2f}x")
+    if 1 in ranks:
+        worst = min(best[(f"ZeRO-{z}", 1)] / best[("plain", 1)] for z in stages)
+        print(f"target at 1 rank: >= 0.95x the plain loop: {'met' if worst >= 0.95 else 'NOT met'} ({worst:.2f}x)")
+
+    if not args.no_memory:
+        from pretrain.data import load_manifest
+
+        records, cfg = run_memory(work, data, args)
+        print_memory(records, cfg, load_manifest(data / "shards").vocab_size)
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"\nlogs and runs kept in {work}")
+
+
+if __name__ == "__main__":
+    main()
