@@ -21,7 +21,7 @@ export TORCH_EXTENSIONS_DIR ?= $(PRETRAIN_PIPELINE_STATE)/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 export DO_NOT_TRACK = 1
 
-.PHONY: setup smoke test test-fast pretrain run server deploy lock clean-runs help bench-setup bench-clean browser bench-tokenize
+.PHONY: setup smoke test test-fast pretrain run server deploy lock clean-runs help bench-setup bench-clean browser bench-tokenize bench-train soak
 
 help:
 	@echo "make smoke     whole pipeline on CPU on a bundled sample corpus (runs/smoke/)"
@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev,onnx,eval]'
+	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev,onnx,eval,gguf]'
 	touch $(STAMP)
 
 smoke: $(STAMP)
@@ -62,6 +62,17 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
+# The fault-injection suite at length (not part of `make test`): each kill test makes
+# SOAK_ROUNDS kills at points drawn from each of SOAK_SEEDS; the data-stage kill test runs once per seed.
+SOAK_ROUNDS ?= 5
+SOAK_SEEDS  ?= 1 2 3
+soak: $(STAMP)
+	@set -e; for seed in $(SOAK_SEEDS); do \
+	  echo "== soak: fault seed $$seed, $(SOAK_ROUNDS) rounds"; \
+	  PRETRAIN_PIPELINE_FAULT_SEED=$$seed PRETRAIN_SOAK_ROUNDS=$(SOAK_ROUNDS) \
+	    $(BIN)/python -m pytest -x -q tests/reliability tests/test_train_resume.py $(PYTEST_ARGS); \
+	done
+
 server: $(STAMP)
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
@@ -71,7 +82,7 @@ deploy: $(STAMP)
 
 # Benchmarks print ratios against a baseline measured in the same run; never part of `make test`.
 bench-setup: $(STAMP)
-	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev,onnx,eval,bench]'
+	$(BIN)/python -m pip install -c requirements/constraints.txt -e '.[dev,onnx,eval,gguf,bench]'
 
 bench-clean: bench-setup
 	$(BIN)/python bench/clean/run.py --mode filters --docs 8000 --cores 2
@@ -80,6 +91,10 @@ bench-clean: bench-setup
 
 bench-tokenize: $(STAMP)
 	$(BIN)/python bench/tokenize/run.py --mb 32 --cores 2
+
+# Our trainer (launch.train: ZeRO-1/3, 1 and 2 ranks) vs a plain PyTorch loop, and ZeRO 0-3 memory per rank.
+bench-train: $(STAMP)
+	$(BIN)/python bench/train/run.py $(ARGS)
 
 lock: $(STAMP)
 	{ head -n 3 requirements/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu//' | sort -f; } > requirements/constraints.txt.new

@@ -41,12 +41,26 @@ def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return cfg
 
 
+def wsd_decay_steps(train_cfg: TrainConfig) -> int:
+    return max(1, round(train_cfg.decay_fraction * train_cfg.max_steps))
+
+
 def lr_at(step: int, train_cfg: TrainConfig) -> float:
-    """LR for optimizer step ``step`` (0-based): linear warmup, then cosine down to min_lr."""
+    """LR for optimizer step ``step`` (0-based): linear warmup, then cosine, constant or WSD.
+
+    WSD (warmup-stable-decay, MiniCPM / Hagele et al. 2024) holds the peak LR and decays only over
+    the last ``decay_fraction`` of the steps, so a run can be extended (or branched off to cool down)
+    from any stable-phase checkpoint. A pure function of the step, so resume needs no scheduler state.
+    """
     if train_cfg.warmup_steps and step < train_cfg.warmup_steps:
         return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
     if train_cfg.lr_schedule == "constant":
         return train_cfg.lr
+    if train_cfg.lr_schedule == "wsd":
+        decay = wsd_decay_steps(train_cfg)
+        progress = min(1.0, max(0.0, (step - (train_cfg.max_steps - decay)) / decay))
+        remaining = 1.0 - (math.sqrt(progress) if train_cfg.wsd_decay == "1-sqrt" else progress)
+        return train_cfg.min_lr + remaining * (train_cfg.lr - train_cfg.min_lr)
     decay_steps = max(1, train_cfg.max_steps - train_cfg.warmup_steps)
     progress = min(1.0, (step - train_cfg.warmup_steps) / decay_steps)
     return train_cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (train_cfg.lr - train_cfg.min_lr)
@@ -107,4 +121,9 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, world_size: int
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(train_cfg, world_size)
     )
+    if train_cfg.compile:
+        # DeepSpeed's documented path: compiles the wrapped module in place (nn.Module.compile), after
+        # ZeRO has installed its hooks, so parameter names (checkpoints, export) stay unprefixed.
+        # Backend: the accelerator's default (inductor on CPU and CUDA).
+        ds_engine.compile()
     return Engine(ds_engine, optimizer, train_cfg)

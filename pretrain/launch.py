@@ -59,7 +59,17 @@ def train_fingerprint(cfg: PipelineConfig, paths: RunPaths) -> str:
     manifest = paths.shards / "manifest.json"
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} not found: run the shards stage first")
-    return fingerprint(cfg.model.model_dump(mode="json"), cfg.train.model_dump(mode="json"), sha256_file(manifest))
+    # A mixture's other sources are inputs too: new shards there mean the model is out of date.
+    runs_root = Path(cfg.runtime.runs_root)
+    sources = sorted(n for n in cfg.train.data_mixture if n != cfg.runtime.run_name)
+    missing = [n for n in sources if not (runs_root / n / "shards" / "manifest.json").exists()]
+    if missing:
+        raise FileNotFoundError(f"train.data_mixture sources without shards under {runs_root}: {missing}")
+    source_hashes = {n: sha256_file(runs_root / n / "shards" / "manifest.json") for n in sources}
+    return fingerprint(
+        cfg.model.model_dump(mode="json"), cfg.train.model_dump(mode="json"), sha256_file(manifest),
+        *([source_hashes] if source_hashes else []),
+    )
 
 
 def resolve_device(cfg: PipelineConfig) -> str:
@@ -78,6 +88,8 @@ def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
     over pdsh, or ``--no_ssh`` with one command per node (Kubernetes, Slurm ``srun``).
     """
     tc = cfg.train
+    if tc.launcher == "ray":
+        raise ValueError("train.launcher=ray starts no command: pretrain.ray_launch.train_on_ray runs it")
     target = ["--run-dir", str(paths.root.resolve())]
     rendezvous = ["--master_addr", tc.master_addr, "--master_port", str(tc.master_port)]
     if tc.launcher == "deepspeed":
@@ -108,9 +120,21 @@ def build_env(cfg: PipelineConfig) -> dict[str, str]:
     env = dict(os.environ)
     if resolve_device(cfg) == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+        # DeepSpeed's CPU accelerator otherwise runs `numactl --hardware` for its device count on
+        # every ZeRO-3 gradient reduce.
+        env.setdefault("LOCAL_SIZE", str(cfg.train.nproc_per_node))
+    # A parent's W&B service (Prefect, pytest) would keep a killed rank's run id "in use" until the
+    # parent exits; each training run starts its own.
+    env.pop("WANDB_SERVICE", None)
     # DeepSpeed compiles its CPU comm op on first use; keep the build where the next run finds it.
     env.setdefault("TORCH_EXTENSIONS_DIR", str(project_state_dir() / "torch_extensions"))
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.train.nproc_per_node))
+    # Threads per rank: an OMP_NUM_THREADS the caller set wins (on a shared or busy machine one
+    # thread per rank can be several times faster: OpenMP's barriers stall whenever one of its
+    # threads is descheduled); otherwise the CPUs this process may use (its affinity, which
+    # containers and taskset narrow, unlike os.cpu_count()) shared among the local ranks.
+    if not env.get("OMP_NUM_THREADS"):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // cfg.train.nproc_per_node))
     env["WANDB_MODE"] = cfg.tracking.wandb_mode
     env["PYTHONUNBUFFERED"] = "1"
     # The ranks import this package; make that work from any working directory.
@@ -139,6 +163,7 @@ def terminate(proc: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
 
 def run_streaming(cmd: list[str], env: dict[str, str], log_path: Path, log: Callable[[str], Any], cwd: Path) -> int:
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    errors: list[str] = []  # the ranks' own "[pretrain] error:" lines, which tracebacks push out of the tail
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as logfile:
         logfile.write("$ " + " ".join(cmd) + "\n")
@@ -151,6 +176,8 @@ def run_streaming(cmd: list[str], env: dict[str, str], log_path: Path, log: Call
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 tail.append(line)
+                if "[pretrain] error:" in line and len(errors) < 10:
+                    errors.append(line)
                 logfile.write(line + "\n")
                 log(line)
             rc = proc.wait()
@@ -158,8 +185,9 @@ def run_streaming(cmd: list[str], env: dict[str, str], log_path: Path, log: Call
             terminate(proc)
             raise
     if rc != 0:
+        cause = "".join(f"{line}\n" for line in errors if line not in tail)
         raise TrainingFailed(
-            f"training exited with code {rc} (full log: {log_path}); last lines:\n" + "\n".join(tail)
+            f"training exited with code {rc} (full log: {log_path}); {cause}last lines:\n" + "\n".join(tail)
         )
     return rc
 
@@ -190,12 +218,18 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
         paths.checkpoints.rename(aside)
         log(f"train: resume=never, previous checkpoints moved to {aside}")
     paths.train.mkdir(parents=True, exist_ok=True)
-    env = build_env(cfg)
-    Path(env["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
-    cmd = build_command(cfg, paths)
-    log("train: " + " ".join(cmd))
-    log_name = "launcher.log" if leader else f"launcher-node{cfg.train.node_rank}.log"
-    run_streaming(cmd, env, paths.train / log_name, log, cwd=Path(__file__).resolve().parent.parent)
+    if cfg.train.launcher == "ray":
+        # One driver places every rank through Ray Train; the workers run the same pretrain.train.run.
+        from pretrain.ray_launch import train_on_ray
+
+        train_on_ray(cfg, paths, log)
+    else:
+        env = build_env(cfg)
+        Path(env["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
+        cmd = build_command(cfg, paths)
+        log("train: " + " ".join(cmd))
+        log_name = "launcher.log" if leader else f"launcher-node{cfg.train.node_rank}.log"
+        run_streaming(cmd, env, paths.train / log_name, log, cwd=Path(__file__).resolve().parent.parent)
     if not leader:
         # Global rank 0 (on node 0) writes the summary and node 0's launcher the stage record.
         return TrainResult(checkpoint_dir=str(paths.checkpoints), last_tag=None, final_loss=None,

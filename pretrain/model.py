@@ -22,6 +22,10 @@ def resolve_vocab_size(cfg: ModelConfig, tokenizer_vocab_size: int) -> int:
     return cfg.vocab_size or tokenizer_vocab_size
 
 
+def full_numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ds_numel: DeepSpeed ZeRO-3's unpartitioned size
+
+
 def swiglu_hidden(n_embd: int) -> int:
     # 2/3 of 4*d keeps the parameter count of the gelu MLP; a multiple of 64 keeps matmuls aligned.
     return 64 * math.ceil(8 * n_embd / 3 / 64)
@@ -140,10 +144,13 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters (tied ones once); position embeddings excluded by default, as in nanoGPT."""
-        n = sum(p.numel() for p in self.parameters())
+        """Parameters (tied ones once); position embeddings excluded by default, as in nanoGPT.
+
+        Counts full sizes under ZeRO-3 too, where a partitioned parameter's own ``numel()`` is 0.
+        """
+        n = sum(full_numel(p) for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
+            n -= full_numel(self.transformer.wpe.weight)
         return n
 
     def flops_per_token(self) -> int:

@@ -84,7 +84,9 @@ def make_plan(cfg: PipelineConfig, vocab_size: int, world_size: int | None = Non
     world = world_size or tc.nproc_per_node * tc.nnodes
     n, n_total, fpt = count_params(cfg, vocab_size)
     half = tc.precision in ("bf16", "fp16")
-    w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 8)
+    # Adam moments (8 bytes) plus, under ZeRO (any precision), DeepSpeed's separate fp32 master
+    # copy of the partition (4 bytes); ZeRO-0 in fp32 steps the weights themselves.
+    w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 12 if tc.zero_stage >= 1 else 8)
     weights = n_total * w_bytes / (world if tc.zero_stage >= 3 else 1)
     grads = n_total * g_bytes / (world if tc.zero_stage >= 2 else 1)
     optim = n_total * o_bytes / (world if tc.zero_stage >= 1 else 1)

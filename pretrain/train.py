@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from pretrain.checkpoint import latest_tag, load_client_state, prune_checkpoints, tag_for
-from pretrain.data import ShardDataset, load_manifest
+from pretrain.checkpoint import latest_tag, load_checkpoint, rng_state, save_checkpoint, set_rng_state, tag_for
+from pretrain.data import DataIntegrityError, MixtureDataset, ShardDataset, build_train_loader, load_manifest
 from pretrain.model import GPT, resolve_vocab_size
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json
 from pretrain_pipeline.config import PipelineConfig, load_config
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved and stopped early, not finished
+EXIT_NONFINITE = 4  # NaN/inf loss (train.nonfinite_loss): stopped without saving the bad state
+
+# Fault injection for the reliability tests: comma-separated micro-batch indices (0-based, counted
+# from this process's start) at which rank 0's loss is replaced by NaN before the policy check.
+FAULT_NONFINITE_ENV = "PRETRAIN_FAULT_NONFINITE_MICROBATCHES"
+
+
+def injected_nonfinite(rank: int) -> set[int]:
+    raw = os.environ.get(FAULT_NONFINITE_ENV, "")
+    return {int(v) for v in raw.split(",") if v.strip()} if rank == 0 else set()
 
 
 def resolve_device(device: str) -> str:
@@ -34,21 +46,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is cuda but no CUDA device is visible")
     return device
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def memory_metrics(device: str) -> dict[str, float]:
@@ -68,6 +65,10 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        # Ray Train runs the training function in a worker thread, where Python cannot install
+        # handlers; there a lost worker is restarted from the last checkpoint instead.
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -123,8 +124,20 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
     # Only rank 0 re-hashes the shards; the others wait for its verdict instead of reading twice.
     if rank == 0:
         manifest.verify()
+        if tc.data_mixture:  # and every mixture source's shards and tokenizer against its manifest
+            build_train_loader(cfg, paths, rank, world, verify=True)
     dist.barrier()
-    train_data = ShardDataset(manifest, "train", cfg.model.block_size, tc.micro_batch_size, rank, world, tc.seed, verify=False)
+    # This run's shards, or the weighted mixture of train.data_mixture (its state carries the weights).
+    train_data = build_train_loader(cfg, paths, rank, world, verify=False)
+    if isinstance(train_data, MixtureDataset):
+        foreign = [n for n, src in train_data.sources.items()
+                   if src.manifest.raw["tokenizer_sha256"] != manifest.raw["tokenizer_sha256"]]
+        if foreign:
+            raise DataIntegrityError(
+                f"train.data_mixture sources {foreign} were not encoded with {manifest.tokenizer_path} "
+                f"(the tokenizer of {manifest.path})"
+            )
+    # Validation stays on this run's own held-out split, so val/loss is comparable across mixtures.
     val_data = ShardDataset(manifest, "val", cfg.model.block_size, tc.micro_batch_size, rank, world, tc.seed, verify=False)
 
     from pretrain.engine import build_engine
@@ -132,19 +145,26 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
     engine = build_engine(model, tc, world)
     step, tokens_seen, wandb_id = 0, 0, None
     last_loss = float("nan")
-    if tc.resume == "auto" and latest_tag(paths.checkpoints):
-        saved = load_client_state(paths.checkpoints).get("model_fingerprint")
-        if saved != cfg.model.fingerprint():
+    skipped = 0  # micro-batches dropped by train.nonfinite_loss: skip
+
+    def same_model(state: dict[str, Any]) -> None:  # checked before DeepSpeed reads the weights
+        if state.get("model_fingerprint") != cfg.model.fingerprint():
             raise RuntimeError(
                 f"{paths.checkpoints} holds checkpoints of a different model config; "
                 "set train.resume: never (they are moved aside) or use another run name"
             )
-        load_path, client = engine.load_checkpoint(str(paths.checkpoints), tag=latest_tag(paths.checkpoints))
-        if load_path is None:
-            raise RuntimeError(f"could not load checkpoint from {paths.checkpoints}")
-        state = client["pretrain"]
+
+    # The newest tag whose files match its completion record (rank 0 verifies, all ranks load);
+    # a damaged newer one is refused by name and the previous complete one is used.
+    resumed = None
+    if tc.resume == "auto":
+        resumed = load_checkpoint(engine, paths.checkpoints, log_line=lambda m: rank == 0 and print(f"[pretrain] {m}", flush=True), check=same_model)
+    if resumed:
+        resumed_tag, state = resumed
+        load_path = paths.checkpoints / resumed_tag
         step, tokens_seen, wandb_id = state["step"], state["tokens_seen"], state.get("wandb_run_id")
         last_loss = state.get("loss", float("nan"))
+        skipped = state.get("skipped_batches", 0)
         train_data.load_state_dict(state["data"])
         rngs = state["rng"]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
@@ -169,7 +189,9 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
             print(f"[pretrain] plan: {line}", flush=True)
         print(
             f"[pretrain] {model.num_params():,} params, world {world}, device {device}, "
-            f"zero {tc.zero_stage}, {tc.precision}, steps {step}->{tc.max_steps}",
+            f"zero {tc.zero_stage}, {tc.precision}, steps {step}->{tc.max_steps}"
+            + (", activation checkpointing" if getattr(model, "activation_checkpointing", False) else "")
+            + (", compiled" if engine.is_compiled else ""),
             flush=True,
         )
 
@@ -186,41 +208,65 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
         rngs: list[Any] = [None] * world
         dist.all_gather_object(rngs, rng_state())
         tag = tag_for(at_step)
+        # Our state goes to its own client_state.pt (tensors and plain data, read back with
+        # weights_only=True), not into DeepSpeed's pickles; rank 0 writes it, then the completion record.
         client = {
-            "pretrain": {
-                "step": at_step,
-                "tokens_seen": tokens_seen,
-                "data": train_data.state_dict(),
-                "rng": rngs,
-                "wandb_run_id": wandb_id,
-                "vocab_size": vocab_size,
-                "model_fingerprint": cfg.model.fingerprint(),
-                "loss": last_loss,
-            }
+            "step": at_step,
+            "tokens_seen": tokens_seen,
+            "data": train_data.state_dict(),
+            "rng": rngs,
+            "wandb_run_id": wandb_id,
+            "vocab_size": vocab_size,
+            "model_fingerprint": cfg.model.fingerprint(),
+            "loss": last_loss,
+            "skipped_batches": skipped,
         }
-        engine.save_checkpoint(str(paths.checkpoints), tag=tag, client_state=client)
-        dist.barrier()
-        if rank == 0:
-            prune_checkpoints(paths.checkpoints, tc.keep_last_checkpoints)
-        dist.barrier()
+        save_checkpoint(engine, paths.checkpoints, tag, client, keep=tc.keep_last_checkpoints)
         last_saved = at_step
         return tag
 
     engine.train()
     t0, window_tokens = time.perf_counter(), 0
     preempted = False
+    failure: str | None = None  # set when train.nonfinite_loss stops the run
+    inject, drawn = injected_nonfinite(rank), 0
     while step < tc.max_steps:
         if any_rank(stop.requested, device):
             preempted = True
             break
         lr = engine.set_lr(step)
-        loss_sum = 0.0
-        for _micro in range(tc.grad_accum_steps):
+        loss_sum, good = 0.0, 0
+        while good < tc.grad_accum_steps:
             x, y = train_data.next_batch()
             _, loss = engine(x.to(device), y.to(device))
+            if drawn in inject:
+                loss = loss + float("nan")
+            drawn += 1
+            # Checked on every rank before backward, and agreed by all-reduce: ZeRO reduces gradients
+            # inside backward and DeepSpeed counts micro-steps to find the accumulation boundary, so
+            # all ranks must skip (or stop on) the same micro-batch.
+            if any_rank(not bool(torch.isfinite(loss.detach())), device):
+                skipped += 1
+                if tc.nonfinite_loss == "stop" or skipped > tc.max_skipped_batches:
+                    why = ("train.nonfinite_loss=stop" if tc.nonfinite_loss == "stop"
+                           else f"{skipped} skipped micro-batches > train.max_skipped_batches={tc.max_skipped_batches}")
+                    failure = (
+                        f"non-finite loss at step {step + 1} (micro-batch {good + 1} of {tc.grad_accum_steps}, "
+                        f"lr {lr:.3g}); stopped without saving ({why}); latest checkpoint "
+                        f"{latest_tag(paths.checkpoints) or '(none)'} is the last good state. "
+                        "Lower train.lr, raise train.warmup_steps or set train.grad_clip."
+                    )
+                    break
+                if rank == 0:
+                    print(f"[pretrain] step {step + 1}: non-finite loss, micro-batch skipped "
+                          f"({skipped}/{tc.max_skipped_batches})", flush=True)
+                continue
             engine.backward(loss)
             engine.step()  # DeepSpeed only updates weights at the accumulation boundary
             loss_sum += float(loss.detach())
+            good += 1
+        if failure:
+            break
         step += 1
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
@@ -234,8 +280,11 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
                 "train/grad_norm": engine.grad_norm(),
                 "train/tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
                 "train/tokens_seen": tokens_seen,
+                "train/skipped_batches": skipped,
                 **memory_metrics(device),
             }
+            if isinstance(train_data, MixtureDataset):  # realised shares next to the configured weights
+                metrics.update({f"data/share/{k}": v for k, v in train_data.realised_proportions().items()})
             if peak and metrics["train/tokens_per_s"]:
                 metrics["train/mfu"] = mfu(metrics["train/tokens_per_s"], flops_per_token, world, peak)
             if tracker:
@@ -250,9 +299,18 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
         if step % tc.checkpoint_every == 0 and step < tc.max_steps:
             save(step)
 
+    if failure:
+        # No save: the bad state must not become the latest checkpoint.
+        if rank == 0:
+            print(f"[pretrain] error: {failure}", file=sys.stderr, flush=True)
+            if tracker:
+                tracker.finish(exit_code=EXIT_NONFINITE)
+        dist.barrier()
+        dist.destroy_process_group()
+        return EXIT_NONFINITE
     if step > 0 and last_saved != step:
         save(step)
-    tag = latest_tag(paths.checkpoints)
+    tag = latest_tag(paths.checkpoints, verify=False)  # just saved and hashed: sizes suffice
     if rank == 0:
         summary = {
             "final_loss": last_loss,
@@ -278,6 +336,9 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
     return EXIT_PREEMPTED if preempted else 0
 
 
+# torchrun's failure summary then quotes the failing rank's exception (root cause first) instead of
+# "error_file: <N/A>", so the launcher's error names the real problem, not a peer's lost connection.
+@record
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pretrain.train", description=__doc__)
     parser.add_argument("--run-dir", required=True, type=Path)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class Section(BaseModel):
@@ -60,6 +64,10 @@ class DataConfig(Section):
     )
     long_doc_rule: Literal["truncate", "drop"] = Field(
         "truncate", description="Documents over `max_chars`: cut at a word boundary, or drop them."
+    )
+    unicode_repair: bool = Field(True, description="Repair mojibake and strip control characters with ftfy (NFC, never NFKC).")
+    normalize_whitespace: bool = Field(
+        True, description="Unify line breaks and odd spaces, drop invisible characters, trailing spaces and extra blank lines."
     )
     # Language identification (py3langid; the model ships in the package).
     language_filter: bool = Field(True, description="Drop documents not in `languages` (language is always recorded).")
@@ -142,9 +150,33 @@ class TokenizerConfig(Section):
     seed: int = Field(1234, description="Seed for the training sample and the train/val split.")
 
 
+# Published shapes. A preset fills only the fields the user did not set, so
+# ``{preset: gpt2-124m, block_size: 256}`` is GPT-2 small with a shorter context.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, norm="layernorm", position="learned",
+                 mlp="gelu", bias=True, tie_embeddings=True),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, norm="layernorm",
+                      position="learned", mlp="gelu", bias=True, tie_embeddings=True),
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, block_size=1024, norm="layernorm",
+                      position="learned", mlp="gelu", bias=True, tie_embeddings=True),
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, block_size=1024, norm="layernorm",
+                      position="learned", mlp="gelu", bias=True, tie_embeddings=True),
+    "gpt2-1.5b": dict(n_layer=48, n_head=25, n_embd=1600, block_size=1024, norm="layernorm",
+                      position="learned", mlp="gelu", bias=True, tie_embeddings=True),
+    # Llama-2 7B: RMSNorm, RoPE, SwiGLU, no biases, untied output layer, 4k context.
+    "llama-7b": dict(n_layer=32, n_head=32, n_embd=4096, block_size=4096, norm="rmsnorm", position="rope",
+                     mlp="swiglu", bias=False, tie_embeddings=False),
+}
+
+
 class ModelConfig(Section):
     """GPT shape. ``vocab_size`` 0 means: take it from the trained tokenizer."""
 
+    preset: Literal["tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "llama-7b"] | None = Field(
+        None,
+        description="Named shape filling n_layer, n_head, n_embd, block_size, norm, position, mlp, bias and "
+        "tie_embeddings; fields set explicitly win over the preset.",
+    )
     n_layer: int = Field(12, ge=1)
     n_head: int = Field(12, ge=1)
     n_embd: int = Field(768, ge=8)
@@ -157,6 +189,15 @@ class ModelConfig(Section):
     mlp: Literal["gelu", "swiglu"] = "gelu"
     tie_embeddings: bool = True
     rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") is not None:
+            shape = MODEL_PRESETS.get(data["preset"])
+            if shape is not None:  # an unknown name is left for the Literal check to report
+                data = {**shape, **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
@@ -178,12 +219,31 @@ class TrainConfig(Section):
     lr: float = Field(6e-4, gt=0)
     min_lr: float = Field(6e-5, ge=0)
     warmup_steps: int = Field(100, ge=0)
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_schedule: Literal["cosine", "constant", "wsd"] = Field(
+        "cosine",
+        description="After warmup: cosine to min_lr, constant, or wsd (warmup-stable-decay: lr until the "
+        "last decay_fraction of the steps, then down to min_lr).",
+    )
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of max_steps spent decaying.")
+    wsd_decay: Literal["linear", "1-sqrt"] = Field(
+        "linear", description="wsd: shape of the final decay (1-sqrt after Hagele et al. 2024)."
+    )
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, gt=0, lt=1)
     beta2: float = Field(0.95, gt=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward (torch.utils.checkpoint)."
+    )
+    compile: bool = Field(False, description="torch.compile the model (DeepSpeed engine.compile, inductor).")
+    nonfinite_loss: Literal["stop", "skip"] = Field(
+        "stop",
+        description="A NaN/inf loss on any rank: stop every rank without saving (the last good checkpoint "
+        "stays latest), or skip that micro-batch on every rank and draw the next one.",
+    )
+    max_skipped_batches: int = Field(
+        10, ge=0, description="skip: stop like `stop` once more micro-batches than this were skipped."
+    )
     checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every N steps (and at the end).")
     keep_last_checkpoints: int = Field(3, ge=1)
     eval_every: int = Field(250, ge=1, description="Validation loss every N steps.")
@@ -191,7 +251,16 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     nproc_per_node: int = Field(1, ge=1, description="Training processes per node (GPUs, or CPU ranks).")
     nnodes: int = Field(1, ge=1)
-    launcher: Literal["torchrun", "deepspeed"] = Field("torchrun", description="How ranks are started.")
+    launcher: Literal["torchrun", "deepspeed", "ray"] = Field(
+        "torchrun",
+        description="How ranks are started: torchrun or the deepspeed launcher (one command per node), "
+        "or ray: a Ray Train TorchTrainer of nnodes x nproc_per_node workers on the Ray cluster "
+        "(runtime.ray_address; empty = a local Ray), restarted from the last checkpoint on failure.",
+    )
+    ray_max_failures: int = Field(
+        3, ge=-1, description="launcher ray: worker-group restarts (from the last checkpoint) before the run "
+        "fails; -1 = unlimited (Ray Train FailureConfig.max_failures).",
+    )
     node_rank: int = Field(0, ge=0, description="This node's index (multi-node; 0 writes the stage records).")
     master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node rendezvous).")
     master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on node 0.")
@@ -219,6 +288,18 @@ class TrainConfig(Section):
     def _check_nodes(self) -> "TrainConfig":
         if self.node_rank >= self.nnodes:
             raise ValueError(f"train.node_rank={self.node_rank} must be < train.nnodes={self.nnodes}")
+        if self.launcher == "ray" and self.node_rank:
+            # Ray Train places every worker from one driver; there is no per-node command.
+            raise ValueError("train.launcher=ray starts all nodes from one command: leave train.node_rank at 0")
+        for name in self.data_mixture:
+            # Names become paths under runs_root: a plain run name can never point elsewhere.
+            if not RUN_NAME_RE.fullmatch(name) or ".." in name:
+                raise ValueError(f"train.data_mixture: {name!r} is not a plain run name (no '/', no '..')")
+        if self.lr_schedule == "wsd" and self.warmup_steps + round(self.decay_fraction * self.max_steps) > self.max_steps:
+            raise ValueError(
+                f"train.lr_schedule=wsd: warmup_steps ({self.warmup_steps}) + decay "
+                f"({round(self.decay_fraction * self.max_steps)} steps) exceed max_steps ({self.max_steps})"
+            )
         return self
 
 
@@ -244,6 +325,12 @@ class ExportConfig(Section):
     max_shard_size: str = Field("2GB", description="Largest safetensors shard (transformers size string).")
     onnx: bool = Field(False, description="Also export ONNX and check it with onnxruntime.")
     onnx_opset: int = Field(18, ge=14, le=23, description="ONNX opset of the exported graph.")
+    gguf: bool = Field(
+        False, description="Also write export/gguf/model.gguf (llama.cpp; Llama family without biases only)."
+    )
+    gguf_dtype: Literal["f32", "f16"] = Field(
+        "f32", description="GGUF matrix precision (norms stay f32); checked against our logits either way."
+    )
 
 
 class TrackingConfig(Section):
