@@ -17,13 +17,15 @@ Output ``shards/``: train-00000.arrow …, val-00000.arrow …, manifest.json, _
 from __future__ import annotations
 
 import hashlib
+import itertools
+import json
 import logging
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +52,12 @@ FORMAT = "arrow-ipc-stream"
 TOKEN_COLUMN = "input_ids"
 SPLITS = ("train", "val")
 PROGRESS_DIR = ".done"  # per-shard completion records inside the work directory
+# SentencePiece threads per encode task: each task holds one Ray CPU, so one thread. More would
+# let a lone last task use idle cores, but oversubscribes every core while all tasks run (and
+# would beat a same-threads baseline only by taking CPU from whatever else shares the node).
+ENCODE_THREADS = 1
+MAX_TASK_BYTES = 64 << 20  # uncompressed Parquet bytes of text per encode task, at most
+TASKS_PER_CPU = 2  # each task takes 1/(TASKS_PER_CPU * cpus) of the text not yet assigned
 
 
 @dataclass
@@ -102,33 +110,105 @@ def shard_schema(vocab_size: int) -> pa.Schema:
     return pa.schema([(TOKEN_COLUMN, pa.list_(token_type(vocab_size))), ("id", pa.string()), ("n_bytes", pa.int64())])
 
 
-class Encoder:
-    """Ray Data callable class: the SentencePiece model is loaded once per worker, not per batch."""
+# SentencePiece processors of this worker process, by (model path, sha256). Ray keeps task workers
+# alive between tasks, so each worker loads the model on its first task and reuses it; the
+# sha256 in the key means a retrained model at the same path is never served from a stale entry.
+_PROCESSORS: dict[tuple[str, str], Any] = {}
 
-    def __init__(self, model_path: str, vocab_size: int) -> None:
+
+def _processor(model_path: str, model_sha256: str) -> Any:
+    key = (model_path, model_sha256)
+    if key not in _PROCESSORS:
         import sentencepiece as spm
 
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        self.schema = shard_schema(vocab_size)
-        self.np_type = np.uint16 if token_type(vocab_size) == pa.uint16() else np.uint32
+        _PROCESSORS.clear()  # one model per worker is all a run needs
+        _PROCESSORS[key] = spm.SentencePieceProcessor(model_file=model_path)
+    return _PROCESSORS[key]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        # One work item = one row group of a clean part; reading it here (not in a separate read
-        # operator) keeps a fixed actor pool from starving read tasks of CPUs on a small cluster.
-        (part,), (row_group,) = batch["part"], batch["row_group"]
-        table = pq.ParquetFile(str(part)).read_row_group(int(row_group), columns=["id", "text"])
-        texts = table.column("text").to_pylist()
-        encoded = self.sp.encode(texts)
-        lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-        offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.empty(int(offsets[-1]), dtype=self.np_type)
-        for ids, start, end in zip(encoded, offsets[:-1], offsets[1:]):
-            flat[start : end - 1] = ids
-            flat[end - 1] = EOS_ID
-        tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
-        n_bytes = pa.array([len(t.encode("utf-8")) for t in texts], type=pa.int64())
-        return pa.Table.from_arrays([tokens, table.column("id").combine_chunks(), n_bytes], schema=self.schema)
+
+def encode_row_groups(
+    batch: dict[str, np.ndarray], model_path: str, model_sha256: str, vocab_size: int, num_threads: int
+) -> pa.Table:
+    """Ray Data task: read one work item (consecutive row groups of the clean parts), encode it.
+
+    Plain tasks rather than an actor pool: Ray reuses its task workers, so a run does not wait for
+    actor processes to start (seconds each on a busy machine). Reading here, not in a separate read
+    operator, keeps read tasks from queueing for CPUs behind encode tasks.
+    """
+    (item,) = batch["row_groups"]
+    tables = [
+        pq.ParquetFile(part).read_row_groups(groups, columns=["id", "text"])
+        for part, groups in json.loads(str(item))
+    ]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    text = table.column("text")
+    sp = _processor(model_path, model_sha256)
+    # add_eos appends the model's </s>, which the tokenizer stage pins to EOS_ID.
+    encoded = sp.encode(text.to_pylist(), add_eos=True, num_threads=num_threads)
+    # Flat values + offsets straight from the id lists (C-level iteration, no per-document numpy).
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
+    np_type = np.uint16 if token_type(vocab_size) == pa.uint16() else np.uint32
+    values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np_type, count=int(offsets[-1]))
+    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    n_bytes = pc.binary_length(text).cast(pa.int64()).combine_chunks()
+    return pa.Table.from_arrays([tokens, table.column("id").combine_chunks(), n_bytes], schema=shard_schema(vocab_size))
+
+
+def work_items(parts: list[Path], cpus: int) -> list[str]:
+    """Consecutive row groups of the clean parts, grouped into encode tasks ("guided" sizes).
+
+    Each task costs a scheduling round trip that leaves its core idle, so tasks are large: each
+    takes 1/``TASKS_PER_CPU * cpus`` of the text still unassigned (at most ``MAX_TASK_BYTES``, at
+    least one row group). Sizes shrink towards the end, so the cores finish close together
+    instead of one waiting on a big last task. Sizes come from the Parquet footers. An item is
+    JSON ``[[part, [row group, ...]], ...]`` in clean order.
+    """
+    groups = [
+        (str(p), g, meta.row_group(g).total_byte_size)
+        for p in parts
+        for meta in [pq.ParquetFile(p).metadata]
+        for g in range(meta.num_row_groups)
+    ]
+    remaining = sum(n for *_, n in groups)
+    items: list[list[list]] = []
+    size = target = 0
+    for part, g, n in groups:
+        if size >= target:
+            items.append([])
+            size, target = 0, min(MAX_TASK_BYTES, remaining // (TASKS_PER_CPU * cpus))
+        if not items[-1] or items[-1][-1][0] != part:
+            items[-1].append([part, []])
+        items[-1][-1][1].append(g)
+        size += n
+        remaining -= n
+    return [json.dumps(item) for item in items]
+
+
+def _row_group_rows(part: Path) -> list[int]:
+    meta = pq.ParquetFile(part).metadata
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+
+def _per_row_group(blocks: Iterator[pa.Table], sizes: list[int]) -> Iterator[pa.Table]:
+    """Re-cut an ordered stream of tables into consecutive tables of ``sizes`` rows (zero-copy
+    slices); rows beyond ``sum(sizes)`` come out as one more table, for the caller's count check."""
+    want = iter(sizes)
+    pending: list[pa.Table] = []
+    have = 0
+    need = next(want, None)
+    for block in blocks:
+        start = 0
+        while need is not None and block.num_rows - start >= need - have:
+            pending.append(block.slice(start, need - have))
+            start += need - have
+            yield pending[0] if len(pending) == 1 else pa.concat_tables(pending)
+            pending, have, need = [], 0, next(want, None)
+        if start < block.num_rows:
+            pending.append(block.slice(start))
+            have += block.num_rows - start
+    if pending:
+        yield pa.concat_tables(pending)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,28 +254,33 @@ class ShardWriter:
             self.shards.append(done)
             self.reused += 1
             return
-        tmp = path.with_name(f".{name}.tmp")
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, self.schema) as writer:
+        # Serialise in memory, then hash and write the same buffer: the shard is hashed without
+        # reading it back from disk.
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self.schema) as writer:
             for batch in table.to_batches(max_chunksize=table.num_rows):
                 writer.write_batch(batch)
+        data = memoryview(sink.getvalue())
+        tmp = path.with_name(f".{name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
-        tokens = table.column(TOKEN_COLUMN)
         self.shards.append(
             {
                 "file": name,
-                "tokens": int(pc.list_value_length(tokens).to_numpy().sum()),
+                "tokens": int(pc.sum(pc.list_value_length(table.column(TOKEN_COLUMN))).as_py()),
                 "documents": table.num_rows,
-                "bytes": path.stat().st_size,
-                "text_bytes": int(table.column("n_bytes").to_numpy().sum()),
-                "sha256": sha256_file(path),
+                "bytes": len(data),
+                "text_bytes": int(pc.sum(table.column("n_bytes")).as_py()),
+                "sha256": hashlib.sha256(data).hexdigest(),
             }
         )
         # The completion record is written after the rename: a record always names a whole shard.
         atomic_write_json(self.out_dir / PROGRESS_DIR / f"{name}.json", self.shards[-1])
 
 
-def _split_table(table: pa.Table, splits: Iterable[str]) -> dict[str, pa.Table]:
-    mask = pa.array([s == "val" for s in splits])
+def _split_table(table: pa.Table, is_val: np.ndarray) -> dict[str, pa.Table]:
+    mask = pa.array(is_val, type=pa.bool_())
     return {"val": table.filter(mask), "train": table.filter(pc.invert(mask))}
 
 
@@ -265,6 +350,8 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
             skipped=True,
         )
 
+    if int(meta["eos_id"]) != EOS_ID:
+        raise ValueError(f"{paths.tokenizer / 'meta.json'}: eos_id {meta['eos_id']}, expected {EOS_ID}; retrain the tokenizer")
     vocab_size = int(meta["vocab_size"])
     schema = shard_schema(vocab_size)
     # The split is decided up front from the ids alone (cheap), so the empty-split fallback can see
@@ -282,24 +369,31 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
     finished = _finished_shards(tmp, fp)
     with ray_session(cfg.runtime):
         writers = {s: ShardWriter(tmp, s, schema, target_bytes, finished) for s in SPLITS}
-        items = [
-            {"part": str(p), "row_group": g} for p in parts for g in range(pq.ParquetFile(p).num_row_groups)
-        ]
+        items = [{"row_groups": item} for item in work_items(parts, available_cpus())]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         ds = ds.map_batches(
-            Encoder,
-            fn_constructor_kwargs={"model_path": str(model_path.resolve()), "vocab_size": vocab_size},
+            encode_row_groups,
+            fn_kwargs={
+                "model_path": str(model_path.resolve()),
+                "model_sha256": tok_sha,
+                "vocab_size": vocab_size,
+                "num_threads": ENCODE_THREADS,
+            },
             batch_format="numpy",
             batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(available_cpus(), len(items)))),
         )
         row = 0
-        # preserve_order (set by ray_session) keeps clean order, so shards are deterministic.
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        clean_ids = pa.array(ids, type=pa.string())
+        is_val = np.array([s == "val" for s in splits], dtype=bool)
+        # preserve_order (set by ray_session) keeps clean order, so shards are deterministic. The
+        # writers see one row group at a time however Ray Data blocks the stream: a shard closes
+        # at the first row group that fills it, so its boundaries depend on the corpus alone.
+        blocks = ds.iter_batches(batch_format="pyarrow", batch_size=None)
+        for batch in _per_row_group(blocks, [n for part in parts for n in _row_group_rows(part)]):
             n = batch.num_rows
-            if batch.column("id").to_pylist() != ids[row : row + n]:
+            if not batch.column("id").equals(pa.chunked_array([clean_ids.slice(row, n)])):
                 raise RuntimeError(f"shards: Ray Data returned documents out of clean order near row {row}")
-            for split, table in _split_table(batch, splits[row : row + n]).items():
+            for split, table in _split_table(batch, is_val[row : row + n]).items():
                 writers[split].add(table)
             row += n
         if row != len(splits):
