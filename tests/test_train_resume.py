@@ -32,9 +32,8 @@ def make_cfg(root: Path, **train):
                 "eval_every": 100, "eval_batches": 2, "checkpoint_every": 3, "keep_last_checkpoints": 2,
                 "device": "cpu", "precision": "fp32", "peak_tflops": 1.0, **train,
             },
-            # W&B off here: after kill -9 the dead run's wandb-core can hold the run id for minutes
-            # ("run ID is in use"); W&B resume continuity is tested in test_pretrain_integration.
-            "tracking": {"wandb_mode": "disabled"},
+            # W&B offline, as in production: the resumed run must continue the killed run's W&B run.
+            "tracking": {"wandb_mode": "offline"},
             "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
         }
     )
@@ -96,11 +95,16 @@ def test_sigkill_then_resume_auto_is_bitwise_equal(offline_env, tmp_path):
     tag = (killed.checkpoints / "latest").read_text().strip()
     assert tag in ("step_000003", "step_000006", "step_000009") and "summary.json" not in os.listdir(killed.train)
     resumed_at = int(tag.split("_")[1])
+    from pretrain.checkpoint import load_client_state
+
+    killed_wandb_id = load_client_state(killed.checkpoints)["wandb_run_id"]
+    assert killed_wandb_id
 
     lines: list[str] = []
     result = train(cfg, killed, log=lines.append)  # resume: auto is the default
     assert any("resumed from" in x and tag in x for x in lines), lines
     got = losses_by_step(killed)
     assert result.steps == 10
+    assert result.wandb_run_id == killed_wandb_id  # same W&B run, not a fork
     for step in range(resumed_at + 1, 11):
         assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise, not approx
