@@ -168,3 +168,18 @@ class Tracker:
             self._run = None
         if not self._metrics.closed:
             self._metrics.close()
+
+
+def metrics_by_step(metrics_path: str | Path, key: str = "train/loss") -> dict[int, dict[str, Any]]:
+    """The records of ``metrics.jsonl`` that carry ``key``, by step. A step logged again after a
+    resume (the killed run got past the checkpoint it resumed from) keeps its newest record."""
+    out: dict[int, dict[str, Any]] = {}
+    for line in Path(metrics_path).read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            out[record["step"]] = record
+    return out
+
+
+def losses_by_step(metrics_path: str | Path) -> dict[int, float]:
+    return {step: record["train/loss"] for step, record in metrics_by_step(metrics_path).items()}

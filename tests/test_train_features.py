@@ -9,18 +9,17 @@ resume, and a run that diverges (stop) or meets injected NaN losses (skip).
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from pretrain.engine import lr_at
 from pretrain.model import GPT
 from pretrain.synthetic import make_synthetic_run, synthetic_documents, write_shard
+from pretrain.tracking import losses_by_step, metrics_by_step
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, read_json, sha256_file
 from pretrain_pipeline.config import ConfigError, ModelConfig, TrainConfig, build_config
 
@@ -129,19 +128,6 @@ def make_cfg(paths: RunPaths, **train):
     )
 
 
-def records(paths: RunPaths) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    for line in paths.metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec
-    return out
-
-
-def losses(paths: RunPaths) -> dict[int, float]:
-    return {s: r["train/loss"] for s, r in records(paths).items()}
-
-
 @pytest.fixture()
 def state_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
@@ -192,7 +178,7 @@ def test_activation_checkpointing_under_zero3_trains_like_eager(zero3_runs):
     assert any("activation checkpointing" in line for line in lines)
     # ZeRO-3 partitions every parameter (numel 0 on the rank), yet the count stays the model's.
     assert read_json(ckpt.train / "summary.json")["params"] == read_json(zero3_runs["compiled"][0].train / "summary.json")["params"] > 0
-    a, b = losses(eager), losses(ckpt)
+    a, b = losses_by_step(eager.metrics), losses_by_step(ckpt.metrics)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4] and a[4] < a[1]
     # Same loss at every step: the recomputed forward gives the same gradients, so the same updates.
     assert b == pytest.approx(a, rel=1e-6)
@@ -203,7 +189,7 @@ def test_compiled_run_trains_like_eager(zero3_runs):
     eager, _ = zero3_runs["eager"]
     compiled, lines = zero3_runs["compiled"]
     assert any("compiled" in line for line in lines)
-    a, c = losses(eager), losses(compiled)
+    a, c = losses_by_step(eager.metrics), losses_by_step(compiled.metrics)
     assert sorted(c) == [1, 2, 3, 4]
     # Inductor fuses and reorders float ops: close, not bitwise.
     assert c == pytest.approx(a, rel=1e-4)
@@ -256,7 +242,7 @@ def test_data_mixture_3_to_1_trains_logs_shares_and_survives_resume(state_dir, t
     # Which source serves micro-batch k is a pure function of (seed, k): recount it independently.
     loader = build_train_loader(cfg, web)
     picks = [loader.source_at(k) for k in range(40)]
-    recs = records(web)
+    recs = metrics_by_step(web.metrics)
     for step in (10, 20):  # before and after the resume: the counts travelled in the checkpoint
         for name in mix:
             assert recs[step][f"data/share/{name}"] == pytest.approx(picks[: 2 * step].count(name) / (2 * step))
@@ -309,7 +295,7 @@ def test_diverging_run_stops_on_every_rank_and_keeps_the_last_good_checkpoint(st
     assert load_client_state(paths.checkpoints)["step"] == bad_step - 1
     assert load_consolidated_state_dict(paths.checkpoints)
     assert not (paths.train / "summary.json").exists()
-    assert all(math.isfinite(v) for v in losses(paths).values()) and max(losses(paths)) == bad_step - 1
+    assert all(math.isfinite(v) for v in losses_by_step(paths.metrics).values()) and max(losses_by_step(paths.metrics)) == bad_step - 1
 
 
 @pytest.mark.integration
@@ -326,7 +312,7 @@ def test_skip_drops_nonfinite_micro_batches_on_every_rank_and_finishes(state_dir
     lines: list[str] = []
     result = train(cfg, paths, log=lines.append)
     assert result.steps == 6 and math.isfinite(result.final_loss)
-    recs = records(paths)
+    recs = metrics_by_step(paths.metrics)
     assert [recs[s]["train/skipped_batches"] for s in range(1, 7)] == [0, 2, 2, 2, 2, 2]
     assert all(math.isfinite(r["train/loss"]) for r in recs.values()) and recs[6]["train/loss"] < recs[1]["train/loss"]
     assert sum("non-finite loss, micro-batch skipped" in x for x in lines) == 2

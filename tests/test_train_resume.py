@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.synthetic import make_synthetic_run
+from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths
 from pretrain_pipeline.config import build_config, dump_config
 
@@ -45,22 +46,13 @@ def offline_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
 
 
-def losses_by_step(paths: RunPaths) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in paths.metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]  # a re-run step overwrites the killed run's record
-    return out
-
-
 def test_sigkill_then_resume_auto_is_bitwise_equal(offline_env, tmp_path):
     from pretrain.launch import build_command, build_env, train
 
     straight = RunPaths(tmp_path / "straight")
     make_synthetic_run(straight.root)
     train(make_cfg(straight.root), straight, log=lambda _: None)
-    expected = losses_by_step(straight)
+    expected = losses_by_step(straight.metrics)
     assert sorted(expected) == list(range(1, 11))
     assert expected[10] < expected[1] - 0.5, expected  # ZeRO-1 on real shards learns
     records = [json.loads(x) for x in straight.metrics.read_text().splitlines()]
@@ -103,7 +95,7 @@ def test_sigkill_then_resume_auto_is_bitwise_equal(offline_env, tmp_path):
     lines: list[str] = []
     result = train(cfg, killed, log=lines.append)  # resume: auto is the default
     assert any("resumed from" in x and tag in x for x in lines), lines
-    got = losses_by_step(killed)
+    got = losses_by_step(killed.metrics)
     assert result.steps == 10
     assert result.wandb_run_id == killed_wandb_id  # same W&B run, not a fork
     for step in range(resumed_at + 1, 11):

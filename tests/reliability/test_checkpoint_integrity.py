@@ -30,6 +30,7 @@ from pretrain.checkpoint import (
     write_completion_record,
 )
 from pretrain.synthetic import make_synthetic_run
+from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths
 from pretrain_pipeline.config import build_config
 
@@ -56,15 +57,6 @@ def make_cfg(root: Path):
     )
 
 
-def losses_by_step(paths: RunPaths) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in paths.metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from pretrain.launch import train
@@ -76,7 +68,7 @@ def trained(tmp_path_factory):
     train(cfg, paths, log=lambda _: None)
     pristine = paths.root.parent / "pristine-checkpoints"
     shutil.copytree(paths.checkpoints, pristine)
-    return cfg, paths, pristine, losses_by_step(paths)
+    return cfg, paths, pristine, losses_by_step(paths.metrics)
 
 
 @pytest.fixture()
@@ -240,7 +232,7 @@ def test_resume_skips_a_truncated_tag_and_reproduces_the_losses(run):
     assert any(str(bad) in x and "falling back" in x for x in lines), lines
     assert any("resumed from" in x and "step_000004" in x for x in lines), lines
     assert result.steps == 6 and result.last_tag == "step_000006"
-    got = losses_by_step(paths)
+    got = losses_by_step(paths.metrics)
     for step in (5, 6):
         assert got[step] == expected[step], (step, got[step], expected[step])
     verify_tag(paths.checkpoints, "step_000006")  # saved again, complete

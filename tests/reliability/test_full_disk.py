@@ -9,7 +9,6 @@ simulation. The rest of the run directory (launcher log, metrics) stays on the n
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from pretrain.synthetic import make_synthetic_run
+from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths
 from pretrain_pipeline.config import build_config, dump_config
 
@@ -139,15 +140,6 @@ def make_train_cfg(root: Path):
     )
 
 
-def losses_by_step(paths: RunPaths) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in paths.metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "train/loss" in rec:
-            out[rec["step"]] = rec["train/loss"]  # a re-run step overwrites the killed run's record
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     from pretrain.launch import train
@@ -157,7 +149,7 @@ def reference(tmp_path_factory):
     make_synthetic_run(paths.root)
     cfg = make_train_cfg(paths.root)
     train(cfg, paths, log=lambda _: None)
-    return cfg, paths, losses_by_step(paths)
+    return cfg, paths, losses_by_step(paths.metrics)
 
 
 def _rank_process(run_dir: Path, local_rank: int) -> psutil.Process:
@@ -204,7 +196,7 @@ def test_one_rank_killed_fails_clearly_and_rerun_resumes_exactly(reference, tmp_
     lines: list[str] = []
     result = train(cfg, paths, log=lines.append)
     assert result.steps == STEPS and any("resumed from" in x for x in lines), lines
-    got = losses_by_step(paths)
+    got = losses_by_step(paths.metrics)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert got[step] == expected[step], (step, got[step], expected[step])  # bitwise, CPU fp32
