@@ -210,7 +210,7 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
         log(f"train: plan: {line}")
     # The ranks read config.yaml; make sure it says what this call was given.
     resolved = dump_config(cfg)
-    if leader and (not paths.config.exists() or paths.config.read_text() != resolved):
+    if not paths.config.exists() or (leader and paths.config.read_text() != resolved):
         atomic_write_text(paths.config, resolved)
     if leader and cfg.train.resume == "never" and paths.checkpoints.exists():
         # Set aside rather than delete: old tags would otherwise mix with (and be pruned as) new ones.

@@ -25,7 +25,10 @@ def prepare_run(cfg: PipelineConfig) -> RunPaths:
     paths = RunPaths(cfg.run_dir())
     paths.root.mkdir(parents=True, exist_ok=True)
     text = dump_config(cfg)
-    if not paths.config.exists() or paths.config.read_text() != text:
+    # Node 0 owns the run directory; another node of a multi-node run shares it (or holds a copy)
+    # and writes the config only where there is none, never over node 0's with its own node_rank.
+    leader = cfg.train.node_rank == 0
+    if not paths.config.exists() or (leader and paths.config.read_text() != text):
         atomic_write_text(paths.config, text)
     project_state_dir().mkdir(parents=True, exist_ok=True)
     return paths
