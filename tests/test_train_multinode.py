@@ -7,7 +7,6 @@ per-step losses must equal a one-node 2-process run with the same seed.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -17,6 +16,7 @@ import pytest
 
 from pretrain.launch import build_command, train
 from pretrain.synthetic import make_synthetic_run
+from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, read_stage_record
 from pretrain_pipeline.config import build_config, dump_config
 
@@ -88,11 +88,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def losses(paths: RunPaths) -> dict[int, float]:
-    records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-
-
 @pytest.mark.integration
 def test_two_nodes_match_one_node_two_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
@@ -123,7 +118,7 @@ def test_two_nodes_match_one_node_two_processes(tmp_path, monkeypatch):
     assert not errors, errors
     assert results[0].steps == 6 and results[0].final_loss is not None
 
-    expected, got = losses(one), losses(two)
+    expected, got = losses_by_step(one.metrics), losses_by_step(two.metrics)
     assert sorted(got) == list(range(1, 7))
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     # Only node 0 owns the stage record; node 1 logged to its own file.

@@ -29,9 +29,10 @@ import pytest
 from pretrain.launch import train
 from pretrain.plan import make_plan, plan_vocab_size
 from pretrain.synthetic import make_synthetic_run
+from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, read_stage_record
 from pretrain_pipeline.config import dump_config, load_config
-from test_train_multinode import losses, make_cfg  # tests/ is on sys.path (rootdir conftest)
+from test_train_multinode import make_cfg  # tests/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBNET = "10.231.0"
@@ -163,7 +164,7 @@ def test_two_namespaced_nodes_match_one_node_two_processes(tmp_path, monkeypatch
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"node {r} exited with {p.returncode}:\n{outputs[r][-4000:]}"
 
-    expected, got = losses(one), losses(two)
+    expected, got = losses_by_step(one.metrics), losses_by_step(two.metrics)
     assert sorted(got) == list(range(1, 7))
     assert got == expected  # bitwise: same seed, same data, same sum of two gradients
     assert read_stage_record(two.train) is not None

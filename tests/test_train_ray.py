@@ -24,9 +24,10 @@ import pytest
 from pretrain.launch import train
 from pretrain.ray_launch import SECRET_ENV, read_attempts, worker_env
 from pretrain.synthetic import make_synthetic_run
+from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths, read_stage_record
 from pretrain_pipeline.config import dump_config
-from test_train_resume import losses_by_step, make_cfg  # tests/ is on sys.path (rootdir conftest)
+from test_train_resume import make_cfg  # tests/ is on sys.path (rootdir conftest)
 
 # Enough steps after the step-3 checkpoint that the kill lands mid-run, few enough to stay quick.
 STEPS = 24
@@ -38,7 +39,7 @@ def test_worker_env_carries_rank_settings_but_no_secret(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path / "r", launcher="ray")
     env = worker_env(cfg, "cpu")
     assert env["DS_ACCELERATOR"] == "cpu" and env["NCCL_SOCKET_IFNAME"] == "eth0"
-    assert env["WANDB_MODE"] == "disabled" and "TORCH_EXTENSIONS_DIR" in env
+    assert env["WANDB_MODE"] == cfg.tracking.wandb_mode and "TORCH_EXTENSIONS_DIR" in env
     # Ray records the runtime_env (dashboard, job table): secrets stay in each node's environment.
     assert not set(SECRET_ENV) & set(env) and "planted-secret-key" not in json.dumps(env)
     assert "DS_ACCELERATOR" not in worker_env(cfg, "cuda")
@@ -61,7 +62,7 @@ def straight(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PRETRAIN_PIPELINE_STATE", str(paths.root.parent / "state"))
         train(make_cfg(paths.root, max_steps=STEPS), paths, log=lambda _: None)
-    losses = losses_by_step(paths)
+    losses = losses_by_step(paths.metrics)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
@@ -78,7 +79,7 @@ def test_ray_train_two_workers_equal_torchrun(straight, tmp_path, monkeypatch):
     result = train(cfg, paths, log=lines.append)
 
     assert result.steps == STEPS and read_stage_record(paths.train) is not None
-    assert losses_by_step(paths) == straight  # same function, ranks and seeds: bitwise equal
+    assert losses_by_step(paths.metrics) == straight  # same function, ranks and seeds: bitwise equal
     (attempt,) = read_attempts(paths)
     assert attempt["world_size"] == 2 and attempt["resume_from"] is None
     assert len({r["pid"] for r in attempt["ranks"]}) == 2  # two worker processes, not one
@@ -126,7 +127,7 @@ def test_killed_worker_on_two_nodes_is_restarted_and_resumes_exactly(straight, t
         first = _wait_until(lambda: (read_attempts(paths) or [None])[0], driver, log, "the workers started")
         assert len({r["node_id"] for r in first["ranks"]}) == 2, first  # one worker on each node
         # Step 4 logged means the step-3 checkpoint is complete.
-        _wait_until(lambda: paths.metrics.exists() and max(losses_by_step(paths), default=0) >= 4,
+        _wait_until(lambda: paths.metrics.exists() and max(losses_by_step(paths.metrics), default=0) >= 4,
                     driver, log, "step 4")
         victim = next(r for r in first["ranks"] if r["rank"] == 1)  # not the rank that logs
         os.kill(victim["pid"], signal.SIGKILL)
@@ -144,7 +145,7 @@ def test_killed_worker_on_two_nodes_is_restarted_and_resumes_exactly(straight, t
     assert "restarted the worker group 1 time" in log.read_text()
     summary = json.loads((paths.train / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == STEPS
-    got = losses_by_step(paths)
+    got = losses_by_step(paths.metrics)
     assert sorted(got) == list(range(1, STEPS + 1))
     resumed_at = int(retry["resume_from"].split("_")[1])
     for step in range(resumed_at + 1, STEPS + 1):
