@@ -23,6 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from pretrain.checkpoint import latest_tag, load_checkpoint, rng_state, save_checkpoint, set_rng_state, tag_for
 from pretrain.data import DataIntegrityError, MixtureDataset, ShardDataset, build_train_loader, load_manifest
+from pretrain.distributed import init_distributed
 from pretrain.model import GPT, resolve_vocab_size
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json
 from pretrain_pipeline.config import PipelineConfig, load_config
@@ -100,10 +101,8 @@ def validate(engine, val: ShardDataset, n_batches: int, device: str) -> float:
 
 
 def run(cfg: PipelineConfig, paths: RunPaths) -> int:
-    import deepspeed
-
     device = resolve_device(cfg.train.device)
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    init_distributed("gloo" if device == "cpu" else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":

@@ -52,13 +52,14 @@ def worker(run_dir: str) -> None:
 
     from pretrain.checkpoint import save_checkpoint
     from pretrain.data import ShardDataset, load_manifest
+    from pretrain.distributed import init_distributed
     from pretrain.engine import build_engine
     from pretrain.model import GPT, resolve_vocab_size
     from pretrain_pipeline.artifacts import RunPaths
 
     paths = RunPaths(Path(run_dir))
     cfg = load_config(paths.config)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     manifest = load_manifest(paths.shards)
     torch.manual_seed(cfg.train.seed)

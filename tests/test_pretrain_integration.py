@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.distributed import SHM_DIR
 from pretrain.synthetic import make_synthetic_run
 from pretrain_pipeline.artifacts import RunPaths, read_json
 from pretrain_pipeline.config import build_config, dump_config
@@ -68,10 +69,19 @@ def trained(env, tmp_path_factory):
     paths = new_run(tmp_path_factory, "zero2")
     cfg = make_cfg(paths.root)
     lines: list[str] = []
+    shm_before = set(SHM_DIR.glob("deepspeed_allreduce_buffer_*"))
     t0 = time.perf_counter()
     result = train(cfg, paths, log=lines.append)
     print(f"\n2-rank ZeRO-2 training: {time.perf_counter() - t0:.1f}s")
+    lines.extend(f"leaked shm segment: {p}" for p in sorted(set(SHM_DIR.glob("deepspeed_allreduce_buffer_*")) - shm_before))
     return cfg, paths, result, lines
+
+
+def test_training_leaves_no_shared_memory_behind(trained):
+    """DeepSpeed's CPU all-reduce never unlinks its ~66 MB /dev/shm segment per rank; a suite or
+    sweep of runs would fill RAM with them (pretrain/distributed.py unlinks them)."""
+    *_, lines = trained
+    assert not [line for line in lines if line.startswith("leaked shm segment")], lines
 
 
 def test_training_reduces_loss_and_writes_artifacts(trained):

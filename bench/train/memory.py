@@ -101,9 +101,8 @@ def held_bytes(engine, model: torch.nn.Module) -> dict[str, int]:
 
 
 def main() -> None:
-    import deepspeed
-
     import pretrain.engine as engine_mod
+    from pretrain.distributed import init_distributed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", required=True, type=Path)
@@ -114,7 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     paths = RunPaths(args.run_dir.resolve())
     cfg = load_config(paths.config)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     manifest = load_manifest(paths.shards)
     vocab = resolve_vocab_size(cfg.model, manifest.vocab_size)
