@@ -31,8 +31,11 @@ def init_distributed(backend: str) -> None:
 
     deepspeed.init_distributed(dist_backend=backend)
     segment = shm_workspace_path(dist.get_rank())
-    if dist.get_world_size() > 1 and segment.exists():
+    if segment.exists():
         # shm_initialize returns on a rank only after it has opened every peer's segment; after this
-        # barrier no rank is still looking any name up.
-        dist.barrier()
-        segment.unlink(missing_ok=True)
+        # barrier no rank is still looking any name up. A barrier that fails means a peer died: the
+        # run is over and the name is still not needed.
+        try:
+            dist.barrier()
+        finally:
+            segment.unlink(missing_ok=True)

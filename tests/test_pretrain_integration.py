@@ -84,6 +84,15 @@ def test_training_leaves_no_shared_memory_behind(trained):
     assert not [line for line in lines if line.startswith("leaked shm segment")], lines
 
 
+def test_a_single_rank_run_leaves_no_shared_memory_behind(env, tmp_path_factory):
+    from pretrain.launch import train
+
+    paths = new_run(tmp_path_factory, "one_rank")
+    before = set(SHM_DIR.glob("deepspeed_allreduce_buffer_*"))
+    train(make_cfg(paths.root, nproc_per_node=1, zero_stage=1, max_steps=2, eval_every=2), paths, log=lambda _: None)
+    assert not set(SHM_DIR.glob("deepspeed_allreduce_buffer_*")) - before
+
+
 def test_training_reduces_loss_and_writes_artifacts(trained):
     cfg, paths, result, lines = trained
     assert not result.skipped and result.steps == 40 and result.last_tag == "step_000040"

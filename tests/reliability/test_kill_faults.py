@@ -71,7 +71,7 @@ class WorkerKiller(threading.Thread):
         while not self.stop.is_set() and not self.killed:
             busy = self._busy_workers()
             if busy:
-                time.sleep(self.rng.uniform(0.0, 0.3))  # somewhere inside the task
+                time.sleep(self.rng.uniform(0.0, 0.1))  # somewhere inside the task
                 for proc in busy:
                     try:
                         if "clean_files_batch" in " ".join(proc.cmdline()):  # still on the task
@@ -88,7 +88,7 @@ def test_ray_worker_killed_mid_task_is_retried(ray_cluster, tmp_path):
     from data_prep.sample_corpus import build_sample_corpus
 
     corpus = tmp_path / "corpus.jsonl"
-    build_sample_corpus(corpus, max_docs=400)
+    build_sample_corpus(corpus, max_docs=1600)  # tasks long enough to be caught on a fast machine
     lines = corpus.read_text().splitlines(keepends=True)
     inputs = []
     for i in range(4):  # one Ray task per input file
