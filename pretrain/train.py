@@ -78,15 +78,29 @@ class StopFlag:
 
 
 def all_mean(value: float, device: str) -> float:
+    if dist.get_world_size() == 1:  # a collective with no peers still costs a dispatch per call
+        return value
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t.item()) / dist.get_world_size()
 
 
 def any_rank(flag: bool, device: str) -> bool:
+    if dist.get_world_size() == 1:
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def step_consensus(local_loss: float, stop_requested: bool, device: str) -> tuple[float, bool]:
+    """The step's mean loss over ranks and whether any rank was asked to stop, in one all-reduce."""
+    world = dist.get_world_size()
+    if world == 1:
+        return local_loss, stop_requested
+    t = torch.tensor([local_loss, 1.0 if stop_requested else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t[0]) / world, bool(t[1] > 0)
 
 
 @torch.no_grad()
@@ -229,8 +243,9 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
     preempted = False
     failure: str | None = None  # set when train.nonfinite_loss stops the run
     inject, drawn = injected_nonfinite(rank), 0
+    stop_agreed = any_rank(stop.requested, device)  # later steps agree on it with their loss
     while step < tc.max_steps:
-        if any_rank(stop.requested, device):
+        if stop_agreed:
             preempted = True
             break
         lr = engine.set_lr(step)
@@ -269,7 +284,7 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
         step += 1
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
-        last_loss = all_mean(loss_sum / tc.grad_accum_steps, device)
+        last_loss, stop_agreed = step_consensus(loss_sum / tc.grad_accum_steps, stop.requested, device)
 
         if step % tc.log_every == 0 or step == tc.max_steps or step == 1:
             elapsed = time.perf_counter() - t0
