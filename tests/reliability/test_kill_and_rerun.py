@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,12 +84,20 @@ def test_killed_data_stages_rerun_to_identical_output(tmp_path):
     crashed = _config(tmp_path, corpus, "crashed")
     run = tmp_path / "runs" / "crashed"
     kills = 0
-    for stage, record in (("clean", run / "clean" / "_SUCCESS.json"), ("tokenize", run / "shards" / "_SUCCESS.json")):
-        # Kill points spread over the uninterrupted run's duration (Ray start-up included).
-        if _kill_midway(stage, crashed, tmp_path, delay=rng.uniform(0.3, 0.85) * took[stage]):
-            # A kill that lands after the record (while Ray shuts down) leaves a finished stage; the
-            # rerun then skips it and the comparison below proves its output complete.
-            kills += not record.exists()
+    stages = {"clean": ("clean",), "tokenize": ("tokenizer", "shards")}
+    for stage, outputs in stages.items():
+        record = run / outputs[-1] / "_SUCCESS.json"
+        # Kill points spread over the uninterrupted run's duration (Ray start-up included). A loaded
+        # machine skews that duration, so a stage that finished first is cleared and killed earlier.
+        for attempt in range(4):
+            delay = rng.uniform(0.3, 0.85) * took[stage] / 2**attempt
+            if _kill_midway(stage, crashed, tmp_path, delay=delay) and not record.exists():
+                kills += 1
+                break
+            # Finished before the kill (or killed after its record): its output is complete, which the
+            # comparison below would prove; clear it to interrupt the stage for real.
+            for name in outputs:
+                shutil.rmtree(run / name, ignore_errors=True)
         _run(stage, crashed, tmp_path)
         assert record.exists()
     assert kills >= 1, "no stage was interrupted; the test proved nothing"
