@@ -1,6 +1,6 @@
 """The one place that starts, joins and tunes Ray.
 
-Everything else in ``data_prep`` just builds Ray Data pipelines inside ``with ray_session(cfg):``.
+Everything else in ``data_prep`` just starts Ray tasks and Ray Data pipelines inside ``with ray_session(cfg):``.
 """
 
 from __future__ import annotations

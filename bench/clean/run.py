@@ -1,4 +1,4 @@
-"""Clean-stage benchmark: this project (Ray Data) vs datatrove's LocalPipelineExecutor.
+"""Clean-stage benchmark: this project (Ray tasks) vs datatrove's LocalPipelineExecutor.
 
     make bench-setup                                              # installs datatrove (bench extra)
     .venv/bin/python bench/clean/run.py --mode filters --docs 8000 --cores 2
