@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from functools import cached_property
+from operator import itemgetter
 
 import numpy as np
 import regex
@@ -139,6 +141,15 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return n, chars
 
 
+# Below this many words the n-gram rules count word tuples in plain Python: numpy's fixed cost
+# per call is then larger than the work (the two cross at about 70 words).
+NUMPY_NGRAMS_FROM_WORDS = 64
+
+
+def _word_tuples(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return list(zip(*(words[k:] for k in range(n))))
+
+
 def _top_ngram_chars(stats: DocStats, n: int) -> int | None:
     """Characters in the most frequent n-gram (first seen wins a tie), times its count; None
     when the document has fewer than n words. An n-gram seen once is no repetition: 0
@@ -146,6 +157,10 @@ def _top_ngram_chars(stats: DocStats, n: int) -> int | None:
     two agree)."""
     if stats.n_words < n:
         return None
+    if stats.n_words < NUMPY_NGRAMS_FROM_WORDS:
+        # max() returns the first of equal counts, and a Counter iterates in first-seen order.
+        gram, count = max(Counter(_word_tuples(stats.words, n)).items(), key=itemgetter(1))
+        return 0 if count < 2 else (sum(map(len, gram)) + n - 1) * count
     ids, counts = stats.grams(n)
     per_position = counts[ids]
     first = int(np.argmax(per_position))  # first position holding a most frequent n-gram
@@ -162,6 +177,18 @@ def _duplicate_ngram_chars(stats: DocStats, n: int) -> int:
     just those; the others would only have advanced the cursor by one."""
     if stats.n_words < n:
         return 0
+    if stats.n_words < NUMPY_NGRAMS_FROM_WORDS:
+        grams = _word_tuples(stats.words, n)
+        seen_grams: set[tuple[str, ...]] = set()
+        total = pos = 0
+        while pos < len(grams):
+            if grams[pos] in seen_grams:
+                total += sum(map(len, grams[pos]))
+                pos += n
+            else:
+                seen_grams.add(grams[pos])
+                pos += 1
+        return total
     ids, counts = stats.grams(n)
     candidates = np.flatnonzero(counts[ids] > 1)
     if not len(candidates):

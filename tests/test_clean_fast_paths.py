@@ -7,10 +7,11 @@ import string
 from collections import Counter
 
 import ftfy
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_prep import filters
+from data_prep import filters, quality
 from data_prep.filters import UnicodeRepair, normalize_whitespace
 from data_prep.minhash import MinHasher, simplified_words
 from data_prep.quality import DocStats, _duplicate_ngram_chars, _top_ngram_chars
@@ -65,13 +66,16 @@ def _dup_naive(words: list[str], n: int) -> int:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(["a", "bb", "the", "of", "ccc", "a-b"]), max_size=80))
-def test_ngram_rules_on_ids_equal_string_ngrams(words: list[str]) -> None:
-    stats = DocStats(" ".join(words))
-    for n in (2, 3, 4):
-        assert _top_ngram_chars(stats, n) == _top_naive(words, n)
-    for n in range(5, 11):
-        assert _duplicate_ngram_chars(stats, n) == _dup_naive(words, n)
+@given(st.lists(st.sampled_from(["a", "bb", "the", "of", "ccc", "a-b"]), max_size=160), st.sampled_from([0, 10**9]))
+def test_ngram_rules_equal_string_ngrams_on_both_paths(words: list[str], numpy_from: int) -> None:
+    # numpy_from 0: every document takes the numpy path (word ids); 10**9: the plain-Python one.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quality, "NUMPY_NGRAMS_FROM_WORDS", numpy_from)
+        stats = DocStats(" ".join(words))
+        for n in (2, 3, 4):
+            assert _top_ngram_chars(stats, n) == _top_naive(words, n)
+        for n in range(5, 11):
+            assert _duplicate_ngram_chars(stats, n) == _dup_naive(words, n)
 
 
 _SPACE_ASCII = str.maketrans({c: " " for c in string.punctuation + "".join(map(chr, range(32))) + "\x7f"})
