@@ -88,6 +88,7 @@ bench-clean: bench-setup
 	$(BIN)/python bench/clean/run.py --mode filters --docs 8000 --cores 2
 	$(BIN)/python bench/clean/run.py --mode minhash --docs 8000 --cores 2
 	$(BIN)/python bench/clean/run.py --mode scale --docs 4000 --cores 2
+	$(BIN)/python bench/clean/run.py --mode split --docs 8000 --cores 2
 
 # Two sizes: Ray Data's fixed start-up cost (~1.5 s) weighs on 32 MiB and is amortised at 128 MiB.
 bench-tokenize: $(STAMP)

@@ -1,16 +1,18 @@
 """Clean stage: raw files -> repaired, filtered, deduplicated Parquet (Ray tasks).
 
-    files ─(one Ray task per file)→ read, repair, language, filters, PII, MinHash band keys
-          → clean/_work/<file key>.parquet + .keys.parquet + .done.json   (per-file completion)
+    files ─(one Ray task per file, or per part of a big one)→ read, repair, language, filters,
+          PII, MinHash band keys → clean/_work/<task key>.parquet + .keys.parquet + .done.json
     keys  ─one Ray task per key range→ edges (first copy, other copy) per equal key    (the shuffle)
     edges ─driver union-find→ exact / near-duplicate drops → sorted Parquet parts + stats
 
 Both task kinds are plain Ray tasks, so a local Ray and a multi-node cluster run the same code.
-Not Ray Data: the unit of work is a whole input file read by our own readers (quarantine needs
-their file and line numbers), so a Ray Data pipeline would only wrap one task per file, and its
-streaming executor's dispatch cost about 0.7 s per run on 8 files (bench/clean).
+Not Ray Data: the unit of work is an input file (or a part of it: plain jsonl files bigger than
+``data.clean_task_mb`` are cut at line starts, Parquet files at row groups, so one big file uses
+every core) read by our own readers, whose quarantine rows need file and line numbers; a Ray
+Data pipeline would only wrap those tasks, and its streaming executor's dispatch cost about
+0.7 s per run on 8 files (bench/clean).
 
-A rerun after a crash finds the ``.done.json`` of every finished file and redoes only the others;
+A rerun after a crash finds the ``.done.json`` of every finished task and redoes only the others;
 the shuffle and the final write are cheap next to stage 1. The final directory replaces
 ``clean/`` atomically, which also removes ``_work/``.
 
@@ -46,7 +48,7 @@ import pyarrow.parquet as pq
 
 from data_prep.filters import PII_KINDS, clean_batch
 from data_prep.minhash import EDGES_SCHEMA, KEYS_ROW_GROUP, KEYS_SCHEMA, MinHasher, duplicates_from_edges, edges_of_range, key_rows, ordinal
-from data_prep.readers import expand_inputs, read_file
+from data_prep.readers import FilePart, expand_inputs, read_file, split_file
 from data_prep.ray_runtime import available_cpus, ray_session
 from pretrain_pipeline.artifacts import (
     RunPaths,
@@ -72,6 +74,7 @@ ROW_GROUP_DOCS = 1000
 # Rows of (ord, kind, key) per shuffle partition: bounds the memory of one edges task.
 _ROWS_PER_PARTITION = 2_000_000
 WORK_DIR = "_work"
+_DROPPED_ROW_GROUP = 65536
 
 WORK_SCHEMA = pa.schema(
     [
@@ -120,7 +123,8 @@ class CleanResult:
     skipped: bool = False
     parts: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
-    files_reused: int = 0
+    tasks: int = 0
+    tasks_reused: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -171,37 +175,58 @@ def _identity(path: Path) -> list[Any]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def clean_fingerprint(cfg: PipelineConfig, files: list[Path]) -> str:
-    return fingerprint("clean", cfg.data.model_dump(mode="json"), [_identity(p) for p in files])
+def clean_fingerprint(cfg: PipelineConfig, identities: list[list[Any]]) -> str:
+    return fingerprint("clean", cfg.data.model_dump(mode="json"), identities)
 
 
 def _stage1_config(cfg: DataConfig) -> dict[str, Any]:
-    # Settings that only the final write reads do not invalidate finished per-file work. The
-    # dedup switches are not among them: stage 1 writes the exact and MinHash keys.
-    return cfg.model_dump(mode="json", exclude={"documents_per_shard", "inputs"})
+    # Settings that only the final write reads do not invalidate finished work. The dedup
+    # switches are not among them: stage 1 writes the exact and MinHash keys. The task size is
+    # not either: a task's key names its part of the file.
+    return cfg.model_dump(mode="json", exclude={"documents_per_shard", "inputs", "clean_task_mb"})
 
 
-def file_keys(cfg: DataConfig, files: list[Path]) -> list[str]:
-    """Name of each input file's work output: its identity, its place in the order, the config."""
+@dataclass(frozen=True)
+class WorkUnit:
+    """One stage-1 task: an input file, or one part of a big one (``part``)."""
+
+    path: str
+    file_index: int
+    part: FilePart | None
+    key: str  # names its work files: the file's identity and place, the part, the config
+    size: int  # bytes, about: big tasks are started first
+
+
+def plan_work(cfg: DataConfig, files: list[Path], identities: list[list[Any]]) -> list[WorkUnit]:
+    """The stage-1 tasks in (file, part) order, which is the order of the outputs."""
     stage1 = _stage1_config(cfg)
-    return [fingerprint("clean-file", stage1, i, _identity(p))[:32] for i, p in enumerate(files)]
+    target = max(1, int(cfg.clean_task_mb * 2**20))
+    units = []
+    for i, (path, identity) in enumerate(zip(files, identities)):
+        parts = split_file(path, target)
+        size = path.stat().st_size // len(parts)
+        for part in parts:
+            key = fingerprint("clean-file", stage1, i, identity, part and asdict(part))[:32]
+            units.append(WorkUnit(str(path), i, part, key, size))
+    return units
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 1: one Ray task per input file (module-level so workers import it, not unpickle a closure)
+# Stage 1: one Ray task per work unit (module-level so workers import it, not unpickle a closure)
 
 
 def _work_paths(work_dir: Path, key: str) -> tuple[Path, Path, Path]:
     return work_dir / f"{key}.parquet", work_dir / f"{key}.keys.parquet", work_dir / f"{key}.done.json"
 
 
-def _file_done(work_dir: Path, key: str) -> bool:
+def _unit_done(work_dir: Path, key: str) -> bool:
     return _work_paths(work_dir, key)[2].exists()
 
 
-def clean_one_file(path: str, file_index: int, key: str, work_dir: str, cfg: DataConfig) -> dict[str, Any]:
-    """Read, clean and hash one input file into its work files; the ``.done.json`` is written last."""
-    work, keys_path, done = _work_paths(Path(work_dir), key)
+def clean_unit(unit: WorkUnit, work_dir: str, cfg: DataConfig) -> dict[str, Any]:
+    """Read, clean and hash one file (or part) into its work files; the ``.done.json`` is written last."""
+    path, file_index = unit.path, unit.file_index
+    work, keys_path, done = _work_paths(Path(work_dir), unit.key)
     hasher = MinHasher(cfg.minhash_ngram, cfg.minhash_bands, cfg.minhash_rows, cfg.minhash_seed) if cfg.minhash_dedup else None
     n = 0
     # Temp names + rename: a crash mid-file leaves nothing that looks finished.
@@ -209,7 +234,7 @@ def clean_one_file(path: str, file_index: int, key: str, work_dir: str, cfg: Dat
         keys: list[pa.Table] = []
         with pq.ParquetWriter(tmp_work, WORK_SCHEMA, compression="zstd") as w:
             rows: list[dict[str, Any]] = []
-            for row in read_file(path, cfg.text_field, cfg.id_field):
+            for row in read_file(path, cfg.text_field, cfg.id_field, unit.part):
                 rows.append(row)
                 if len(rows) >= _READ_CHUNK_ROWS:
                     n += _clean_chunk(rows, file_index, cfg, hasher, w, keys)
@@ -242,9 +267,9 @@ def _clean_chunk(rows: list[dict[str, Any]], file_index: int, cfg: DataConfig, h
     return len(rows)
 
 
-def clean_file_task(path: str, file_index: int, key: str, work_dir: str, cfg: DataConfig) -> dict[str, Any]:
+def clean_file_task(unit: WorkUnit, work_dir: str, cfg: DataConfig) -> dict[str, Any]:
     """Stage 1's Ray task (its name is what ``ps`` shows for a busy worker)."""
-    return clean_one_file(path, file_index, key, work_dir, cfg)
+    return clean_unit(unit, work_dir, cfg)
 
 
 def _edges_task(paths: list[str], lo: int, hi: int | None) -> pa.Table:
@@ -256,9 +281,9 @@ def _edges_task(paths: list[str], lo: int, hi: int | None) -> pa.Table:
 _TASK_RETRIES = 3
 
 
-def _clean_files(todo: list[tuple[str, int, str]], work_dir: Path, cfg: DataConfig) -> None:
-    """Stage 1: one Ray task per unfinished input file, biggest first (the longest task starts
-    first, so the last one to finish is a short one), with a progress bar over files."""
+def _clean_files(todo: list[WorkUnit], work_dir: Path, cfg: DataConfig) -> None:
+    """Stage 1: one Ray task per unfinished work unit, biggest first (the longest task starts
+    first, so the last one to finish is a short one), with a progress bar over tasks."""
     import ray
     from tqdm import tqdm
 
@@ -266,18 +291,19 @@ def _clean_files(todo: list[tuple[str, int, str]], work_dir: Path, cfg: DataConf
 
     task = ray.remote(num_cpus=1, max_retries=_TASK_RETRIES)(clean_file_task)
     cfg_ref = ray.put(cfg)
-    order = sorted(todo, key=lambda t: -Path(t[0]).stat().st_size)
-    pending = {task.remote(path, index, key, str(work_dir), cfg_ref): path for path, index, key in order}
-    with tqdm(total=len(pending), desc="clean", unit="file", disable=is_quiet()) as bar:
+    order = sorted(todo, key=lambda u: -u.size)
+    pending = {task.remote(unit, str(work_dir), cfg_ref): unit for unit in order}
+    with tqdm(total=len(pending), desc="clean", unit="task", disable=is_quiet()) as bar:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            path = pending.pop(done[0])
+            unit = pending.pop(done[0])
             try:
                 ray.get(done[0])
             except ray.exceptions.RayError as e:
                 for ref in pending:
                     ray.cancel(ref, force=True)
-                raise RuntimeError(f"clean: cleaning {path} failed: {e}") from e
+                where = f" ({unit.part})" if unit.part else ""
+                raise RuntimeError(f"clean: cleaning {unit.path}{where} failed: {e}") from e
             bar.update(1)
 
 
@@ -306,6 +332,7 @@ class _Writer:
         self.buffered = 0
         self.parts: list[str] = []
         self.dropped = pq.ParquetWriter(out_dir / "dropped.parquet", DROPPED_SCHEMA, compression="zstd", store_schema=True)
+        self.dropped_buffer: list[pa.Table] = []
         self.quarantine = open(out_dir / "quarantine.jsonl", "w", encoding="utf-8")
 
     def add(self, kept: pa.Table) -> None:
@@ -313,6 +340,15 @@ class _Writer:
         self.buffered += kept.num_rows
         while self.buffered >= self.cfg.documents_per_shard:
             self._flush(self.cfg.documents_per_shard)
+
+    def add_dropped(self, dropped: pa.Table) -> None:
+        # Row groups of a fixed size, so the file's bytes do not depend on how inputs were split into tasks.
+        self.dropped_buffer.append(dropped)
+        if sum(t.num_rows for t in self.dropped_buffer) >= _DROPPED_ROW_GROUP:
+            table = pa.concat_tables(self.dropped_buffer).combine_chunks()
+            full = table.num_rows - table.num_rows % _DROPPED_ROW_GROUP
+            self.dropped.write_table(table.slice(0, full), row_group_size=_DROPPED_ROW_GROUP)
+            self.dropped_buffer = [table.slice(full)]
 
     def _flush(self, n: int) -> None:
         table = pa.concat_tables(self.buffer).combine_chunks()
@@ -325,21 +361,24 @@ class _Writer:
     def close(self) -> None:
         if self.buffered:
             self._flush(self.buffered)
+        rest = pa.concat_tables([DROPPED_SCHEMA.empty_table(), *self.dropped_buffer])
+        if rest.num_rows:
+            self.dropped.write_table(rest.combine_chunks(), row_group_size=_DROPPED_ROW_GROUP)
         self.dropped.close()
         self.quarantine.close()
 
 
-def _write_outputs(files: list[Path], keys: list[str], work_dir: Path, drops: dict[int, str], out_dir: Path, cfg: DataConfig, fp: str) -> dict[str, Any]:
+def _write_outputs(units: list[WorkUnit], work_dir: Path, drops: dict[int, str], out_dir: Path, cfg: DataConfig, fp: str) -> dict[str, Any]:
     writer = _Writer(out_dir, cfg)
     reasons: Counter = Counter()
     q_reasons: Counter = Counter()
     languages: Counter = Counter()
     pii: Counter = Counter()
-    per_file: dict[str, dict[str, int]] = {}
+    per_file: dict[str, Counter] = {}
     n_words_kept: list[np.ndarray] = []
     totals = Counter()
-    for path, key in zip(files, keys):
-        df = pq.read_table(_work_paths(work_dir, key)[0]).to_pandas()
+    for unit in units:
+        df = pq.read_table(_work_paths(work_dir, unit.key)[0]).to_pandas()
         df = df.sort_values("line", kind="stable")
         dup = df["ord"].map(drops)
         df["drop_reason"] = df["drop_reason"].where(df["drop_reason"].notna(), dup)
@@ -347,7 +386,7 @@ def _write_outputs(files: list[Path], keys: list[str], work_dir: Path, drops: di
         is_dropped = ~is_q & df["drop_reason"].notna()
         kept, dropped, quarantined = df[~is_q & ~is_dropped], df[is_dropped], df[is_q]
         writer.add(pa.Table.from_pandas(kept[KEPT_SCHEMA.names], schema=KEPT_SCHEMA, preserve_index=False))
-        writer.dropped.write_table(pa.Table.from_pandas(dropped[DROPPED_SCHEMA.names], schema=DROPPED_SCHEMA, preserve_index=False))
+        writer.add_dropped(pa.Table.from_pandas(dropped[DROPPED_SCHEMA.names], schema=DROPPED_SCHEMA, preserve_index=False))
         for rec in quarantined[["source", "line", "quarantine", "excerpt"]].itertuples(index=False):
             writer.quarantine.write(json.dumps({"source": rec.source, "line": int(rec.line), "reason": rec.quarantine, "excerpt": rec.excerpt}, ensure_ascii=False) + "\n")
         reasons.update(dropped["drop_reason"])
@@ -355,7 +394,7 @@ def _write_outputs(files: list[Path], keys: list[str], work_dir: Path, drops: di
         languages.update(kept["language"])
         for kind in PII_KINDS:
             pii[kind] += int(kept[f"pii_{kind}"].sum())
-        per_file[str(path)] = {"docs_in": len(df), "kept": len(kept), "dropped": len(dropped), "quarantined": len(quarantined)}
+        per_file.setdefault(unit.path, Counter()).update(docs_in=len(df), kept=len(kept), dropped=len(dropped), quarantined=len(quarantined))
         n_words_kept.append(kept["n_words"].to_numpy())
         totals.update(docs_in=len(df), kept=len(kept), quarantined=len(quarantined), kept_chars=int(kept["n_chars"].sum()), kept_words=int(kept["n_words"].sum()))
     writer.close()
@@ -369,7 +408,7 @@ def _write_outputs(files: list[Path], keys: list[str], work_dir: Path, drops: di
         "kept_words": totals["kept_words"],
         "kept_languages": dict(sorted(languages.items())),
         "pii_redacted": dict(sorted(pii.items())),
-        "per_file": per_file,
+        "per_file": {path: {k: c[k] for k in ("docs_in", "kept", "dropped", "quarantined")} for path, c in per_file.items()},
         "length_histogram": _histogram(np.concatenate(n_words_kept) if n_words_kept else np.zeros(0, dtype=np.int64)),
         "parts": writer.parts,
         "input_fingerprint": fp,
@@ -417,7 +456,8 @@ def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> C
     """Run (or skip, when current) the clean stage into ``paths.clean``."""
     start = time.monotonic()
     files = resolve_inputs(cfg, paths)
-    fp = clean_fingerprint(cfg, files)
+    identities = [_identity(p) for p in files]
+    fp = clean_fingerprint(cfg, identities)
     if not force and stage_is_current(paths.clean, fp):
         record = read_stage_record(paths.clean)
         log.info("clean: inputs and config unchanged, skipping (%s)", paths.clean)
@@ -425,27 +465,27 @@ def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> C
 
     work_dir = paths.clean / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
-    keys = file_keys(cfg.data, files)
-    todo = [(str(p), i, k) for i, (p, k) in enumerate(zip(files, keys)) if not _file_done(work_dir, k)]
-    reused = len(files) - len(todo)
+    units = plan_work(cfg.data, files, identities)
+    todo = [u for u in units if not _unit_done(work_dir, u.key)]
+    reused = len(units) - len(todo)
     if reused:
-        log.info("clean: %d of %d input files already done, resuming", reused, len(files))
+        log.info("clean: %d of %d tasks already done, resuming", reused, len(units))
 
     with ray_session(cfg.runtime):
         if todo:
             _clean_files(todo, work_dir, cfg.data)
-        missing = [str(p) for p, k in zip(files, keys) if not _file_done(work_dir, k)]
+        missing = [u.path for u in units if not _unit_done(work_dir, u.key)]
         if missing:
             raise RuntimeError(f"clean: no completion record for {missing[:5]} after stage 1")
         drops: dict[int, str] = {}
         if cfg.data.exact_dedup or cfg.data.minhash_dedup:
-            drops = _find_duplicates([_work_paths(work_dir, k)[1] for k in keys])
+            drops = _find_duplicates([_work_paths(work_dir, u.key)[1] for u in units])
 
     with atomic_path(paths.clean) as tmp:
         tmp.mkdir(parents=True)
-        stats = _write_outputs(files, keys, work_dir, drops, tmp, cfg.data, fp)
+        stats = _write_outputs(units, work_dir, drops, tmp, cfg.data, fp)
         _check_accounting(stats["docs_in"], stats["kept"], stats["dropped"], stats["quarantined"])
-        expected = sum(read_json(_work_paths(work_dir, k)[2])["rows"] for k in keys)
+        expected = sum(read_json(_work_paths(work_dir, u.key)[2])["rows"] for u in units)
         if expected != stats["docs_in"]:
             raise RuntimeError(f"clean accounting broken: readers produced {expected} rows, outputs hold {stats['docs_in']}")
 
@@ -458,7 +498,8 @@ def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> C
         fingerprint=fp,
         parts=stats["parts"],
         elapsed_s=round(time.monotonic() - start, 3),
-        files_reused=reused,
+        tasks=len(units),
+        tasks_reused=reused,
     )
     summary = result.to_dict()
     summary.pop("skipped")

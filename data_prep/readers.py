@@ -4,7 +4,7 @@ A reader never crashes on a bad record and never drops one silently: a line that
 UTF-8, not JSON, has no string text or holds NUL bytes becomes a *quarantine* row naming the file,
 the line and the reason, so the clean stage's accounting (in = kept + dropped + quarantined) holds.
 
-Every row has the same keys so a Ray Data ``flat_map`` yields one schema::
+Every row has the same keys (one schema for the work files)::
 
     {"id", "text", "source", "line", "quarantine", "excerpt"}
 
@@ -18,6 +18,7 @@ import glob
 import gzip
 import io
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -97,12 +98,95 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return (OSError, EOFError, ValueError, zstandard.ZstdError)
 
 
-def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = "id") -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class FilePart:
+    """The slice of a big input file that one cleaning task reads: bytes ``[start, end)`` of a
+    plain jsonl file, cut at line starts, or row groups ``[start, end)`` of a Parquet file.
+    ``first_line`` is the line (row) number of its first line (row), so every row keeps the line
+    number it has in the whole file."""
+
+    start: int
+    end: int
+    first_line: int
+
+
+def split_file(path: str | Path, target_bytes: int) -> list[FilePart | None]:
+    """Cut a file bigger than ``target_bytes`` into parts of about that size; ``[None]`` (read
+    it whole) for a smaller file or one that cannot be cut: compressed jsonl, .txt, a Parquet
+    file with one row group. The cuts depend only on the bytes, so a rerun cuts alike."""
+    path = Path(path)
+    size = path.stat().st_size
+    n = -(-size // max(1, target_bytes))
+    if n < 2:
+        return [None]
+    if path.name.endswith((".jsonl", ".ndjson")):
+        cuts = _line_starts_after(path, [i * size // n for i in range(1, n)])
+        bounds = [(0, 1), *[c for c in cuts if c[0] < size], (size, 0)]
+        return [FilePart(a, b, line) for (a, line), (b, _) in zip(bounds, bounds[1:])]
+    if path.name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except Exception:  # noqa: BLE001 - a damaged file is read whole and quarantined by read_parquet
+            return [None]
+        groups = meta.num_row_groups
+        if groups < 2:
+            return [None]
+        rows_before = [0]
+        for i in range(groups):
+            rows_before.append(rows_before[-1] + meta.row_group(i).num_rows)
+        edges = sorted({i * groups // min(n, groups) for i in range(min(n, groups))} | {groups})
+        return [FilePart(a, b, rows_before[a] + 1) for a, b in zip(edges, edges[1:])]
+    return [None]
+
+
+def _line_starts_after(path: Path, targets: list[int]) -> list[tuple[int, int]]:
+    """For each target offset (ascending), the first line start at or after it and that line's
+    number, in one pass over the file; targets inside one long line share its end."""
+    cuts: list[tuple[int, int]] = []
+    offset = lines_before = 0  # file offset of the chunk's first byte, newlines before it
+    pending = iter(targets)
+    target = next(pending, None)
+    with open(path, "rb") as f:
+        while target is not None and (chunk := f.read(1 << 24)):
+            counted = 0  # newlines in chunk[:counted] are in lines_before
+            while target is not None:
+                newline = chunk.find(b"\n", max(target - 1 - offset, 0))
+                if newline < 0:
+                    break
+                lines_before += chunk.count(b"\n", counted, newline + 1)
+                counted = newline + 1
+                cut = offset + counted
+                if not cuts or cuts[-1][0] != cut:
+                    cuts.append((cut, lines_before + 1))
+                while target is not None and target <= cut:
+                    target = next(pending, None)
+            lines_before += chunk.count(b"\n", counted)
+            offset += len(chunk)
+    return cuts
+
+
+def _lines_in(f: io.BufferedIOBase, part: FilePart | None) -> Iterator[bytes]:
+    if part is None:
+        yield from f
+        return
+    f.seek(part.start)
+    left = part.end - part.start
+    for raw in f:
+        yield raw
+        left -= len(raw)
+        if left <= 0:
+            return
+
+
+def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = "id", part: FilePart | None = None) -> Iterator[dict[str, Any]]:
     source = str(path)
-    line_no = 0
+    first_line = part.first_line if part else 1
+    line_no = first_line - 1
     try:
         with _open_binary(path) as f:
-            for line_no, raw in enumerate(f, start=1):
+            for line_no, raw in enumerate(_lines_in(f, part), start=first_line):
                 if line_no == 1 and raw.startswith(_BOM):
                     raw = raw[len(_BOM):]
                 raw = raw.rstrip(b"\r\n")
@@ -132,7 +216,7 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = "id"
         yield quarantine_row(source, line_no + 1, f"read_error:{type(err).__name__}", str(err))
 
 
-def read_parquet(path: Path, text_field: str = "text", id_field: str | None = "id") -> Iterator[dict[str, Any]]:
+def read_parquet(path: Path, text_field: str = "text", id_field: str | None = "id", part: FilePart | None = None) -> Iterator[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     source = str(path)
@@ -146,8 +230,9 @@ def read_parquet(path: Path, text_field: str = "text", id_field: str | None = "i
         yield quarantine_row(source, 0, "missing_text_column", f"columns: {names}")
         return
     columns = [text_field] + ([id_field] if id_field and id_field in names and id_field != text_field else [])
-    row = 0
-    for batch in pf.iter_batches(columns=columns, batch_size=4096):
+    row = part.first_line - 1 if part else 0
+    groups = list(range(part.start, part.end)) if part else None
+    for batch in pf.iter_batches(columns=columns, batch_size=4096, row_groups=groups):
         for rec in batch.to_pylist():
             row += 1  # 1-based like jsonl lines, so "line" reads the same for both
             text = rec.get(text_field)
@@ -177,14 +262,14 @@ def read_txt(path: Path, text_field: str = "text", id_field: str | None = "id") 
     yield _doc(f"{source}:1", text.replace("\r\n", "\n"), source, 1)
 
 
-def read_file(path: str | Path, text_field: str = "text", id_field: str | None = "id") -> Iterator[dict[str, Any]]:
-    """Rows of one input file (documents and quarantine rows, in file order)."""
+def read_file(path: str | Path, text_field: str = "text", id_field: str | None = "id", part: FilePart | None = None) -> Iterator[dict[str, Any]]:
+    """Rows of one input file, or of one part of it (documents and quarantine rows, in file order)."""
     path = Path(path)
     name = path.name
     if name.endswith(JSONL_SUFFIXES):
-        yield from read_jsonl(path, text_field, id_field)
+        yield from read_jsonl(path, text_field, id_field, part)
     elif name.endswith(".parquet"):
-        yield from read_parquet(path, text_field, id_field)
+        yield from read_parquet(path, text_field, id_field, part)
     elif name.endswith(".txt"):
         yield from read_txt(path, text_field, id_field)
     else:

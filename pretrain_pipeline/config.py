@@ -128,6 +128,12 @@ class DataConfig(Section):
     minhash_rows: int = Field(8, ge=1, description="Hashes per band (bands x rows hashes per document).")
     minhash_seed: int = Field(1, description="Seed of the MinHash permutations.")
     documents_per_shard: int = Field(50_000, ge=1, description="Documents per cleaned Parquet shard.")
+    clean_task_mb: float = Field(
+        128.0,
+        gt=0,
+        description="Input files bigger than this are cleaned as several Ray tasks of about this size "
+        "(plain jsonl cut at line starts, Parquet at row groups; .gz, .zst and .txt are read whole).",
+    )
 
 
 class TokenizerConfig(Section):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_prep.clean import WORK_DIR, _work_paths, clean_corpus, clean_one_file, file_keys, resolve_inputs
+from data_prep.clean import WORK_DIR, WorkUnit, _identity, _work_paths, clean_corpus, clean_unit, plan_work, resolve_inputs
 from data_prep.filters import text_hash
 from data_prep.sample_corpus import build_sample_corpus
 from pretrain_pipeline.artifacts import RunPaths, sha256_file
@@ -123,11 +123,11 @@ def _make_corpus(root: Path) -> dict:
     return {"base": records, "near": near, "exact": exact, "moji_ids": moji_ids, "pii_ids": pii_ids, "noise": noise, "bad_lines": len(bad)}
 
 
-def _config(root: Path, name: str) -> PipelineConfig:
+def _config(root: Path, name: str, **data: object) -> PipelineConfig:
     return build_config(
         {
             # Docstrings are short: Gopher's 50-word minimum and the stop-word rule would drop most.
-            "data": {"inputs": [str(root / "raw")], "documents_per_shard": 500, "min_words": 20, "min_stop_words": 0},
+            "data": {"inputs": [str(root / "raw")], "documents_per_shard": 500, "min_words": 20, "min_stop_words": 0, **data},
             "runtime": {"runs_root": str(root / "runs"), "run_name": name, "num_cpus": 2},
         }
     )
@@ -215,17 +215,45 @@ def _outputs(clean: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(clean.iterdir()) if p.is_file() and p.name != "_SUCCESS.json"}
 
 
+def _plan(cfg: PipelineConfig, paths: RunPaths) -> list[WorkUnit]:
+    files = resolve_inputs(cfg, paths)
+    return plan_work(cfg.data, files, [_identity(f) for f in files])
+
+
 def test_rerun_after_crash_redoes_only_unfinished_files(run) -> None:
     cfg = _config(run["root"], "b")
     paths = RunPaths(cfg.run_dir())
-    files = resolve_inputs(cfg, paths)
-    keys = file_keys(cfg.data, files)
+    units = _plan(cfg, paths)
+    assert [u.part for u in units] == [None, None, None]  # small files: one task each
     work = paths.clean / WORK_DIR
     work.mkdir(parents=True)
     # The state a crash leaves: file 0 finished, file 1 half-written under a temp name, file 2 untouched.
-    clean_one_file(str(files[0]), 0, keys[0], str(work), cfg.data)
-    (work / f".{_work_paths(work, keys[1])[0].name}.tmp-999").write_bytes(b"PAR1 half a file")
+    clean_unit(units[0], str(work), cfg.data)
+    (work / f".{_work_paths(work, units[1].key)[0].name}.tmp-999").write_bytes(b"PAR1 half a file")
     result = clean_corpus(cfg, paths)
-    assert result.files_reused == 1
+    assert (result.tasks, result.tasks_reused) == (3, 1)
     assert _outputs(paths.clean) == _outputs(run["paths"].clean)
     assert not (paths.clean / WORK_DIR).exists()
+
+
+def test_big_files_cleaned_as_parts_give_the_same_corpus(run) -> None:
+    """Plain jsonl files over ``clean_task_mb`` become several tasks (the gzip one cannot be cut);
+    the outputs, line numbers and quarantine records are those of whole-file tasks, and a rerun
+    after a crash redoes only the unfinished parts."""
+    cfg = _config(run["root"], "parts", clean_task_mb=0.15)  # the base file is ~1 MB
+    paths = RunPaths(cfg.run_dir())
+    units = _plan(cfg, paths)
+    by_file = {Path(u.path).name: [x.part for x in units if x.path == u.path] for u in units}
+    assert len(by_file["00-base.jsonl"]) >= 5
+    assert by_file["10-copies.jsonl.gz"] == by_file["20-noise.jsonl"] == [None]
+    work = paths.clean / WORK_DIR
+    work.mkdir(parents=True)
+    clean_unit(units[1], str(work), cfg.data)
+    result = clean_corpus(cfg, paths)
+    assert (result.tasks, result.tasks_reused) == (len(units), 1)
+    whole, parts = _outputs(run["paths"].clean), _outputs(paths.clean)
+    assert {k: v for k, v in parts.items() if k != "stats.json"} == {k: v for k, v in whole.items() if k != "stats.json"}
+    stats_whole, stats_parts = (json.loads((p.clean / "stats.json").read_text()) for p in (run["paths"], paths))
+    for stats in (stats_whole, stats_parts):
+        del stats["config"], stats["input_fingerprint"]
+    assert stats_parts == stats_whole

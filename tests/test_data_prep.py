@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from data_prep.clean import _check_accounting
 from data_prep.filters import (
@@ -24,7 +26,7 @@ from data_prep.filters import (
     text_hash,
     truncate,
 )
-from data_prep.readers import expand_inputs, read_file
+from data_prep.readers import expand_inputs, read_file, split_file
 from data_prep.sample_corpus import build_sample_corpus
 from data_prep.shards import assign_splits, read_shard_tokens, split_hash
 from data_prep.tokenizer import sample_lines, split_long_line
@@ -170,6 +172,53 @@ def test_jsonl_malformed_lines_are_quarantined(tmp_path: Path) -> None:
     assert bad == {2: "bad_json", 3: "invalid_utf8", 4: "nul_byte", 5: "missing_text", 6: "text_not_string", 8: "not_an_object"}
     assert all(r["source"] == str(path) for r in rows)
     assert "{not json}" in next(r["excerpt"] for r in rows if r["line"] == 2)
+
+
+_LINE = st.sampled_from([
+    b'{"id": "a", "text": "short"}', b'{"text": "no id, a longer document with several words in it"}', b"",
+    b"{truncated", b'{"id": "u", "text": "bad \xff utf8"}', b'{"id": "n", "text": null}', b"  ",
+    b'{"id": "big", "text": "' + b"x" * 5000 + b'"}',
+])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    lines=st.lists(st.tuples(_LINE, st.sampled_from([b"\n", b"\r\n"])), min_size=1, max_size=60),
+    bom=st.booleans(), final_newline=st.booleans(), target=st.integers(1, 4000),
+)
+def test_jsonl_parts_read_exactly_the_whole_file(tmp_path_factory, lines, bom, final_newline, target) -> None:
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"".join(a + b for a, b in lines)
+    if not final_newline:
+        data = data.rstrip(b"\r\n")
+    path = tmp_path_factory.mktemp("parts") / "a.jsonl"
+    path.write_bytes(data)
+    parts = split_file(path, target)
+    assert len(parts) >= 1
+    if parts != [None]:
+        assert parts[0].start == 0 and parts[-1].end == len(data)
+        assert all(a.end == b.start for a, b in zip(parts, parts[1:]))
+        # every cut is a line start, and first_line is the number of that line
+        assert all(p.start == 0 or data[p.start - 1 : p.start] == b"\n" for p in parts)
+        assert all(p.first_line == data.count(b"\n", 0, p.start) + 1 for p in parts)
+    assert [r for part in parts for r in read_file(path, part=part)] == list(read_file(path))
+
+
+def test_parquet_parts_are_row_groups(tmp_path: Path) -> None:
+    texts = [f"document {i}" if i % 7 else None for i in range(50)]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(50)], "text": texts}), path, row_group_size=8)  # 7 groups
+    parts = split_file(path, -(-path.stat().st_size // 3))  # three parts
+    assert len(parts) == 3 and [(p.start, p.end) for p in parts][-1][1] == 7
+    rows = [r for part in parts for r in read_file(path, part=part)]
+    assert rows == list(read_file(path))
+    assert [r["line"] for r in rows] == list(range(1, 51))
+    assert split_file(path, path.stat().st_size) == [None]
+
+
+def test_compressed_and_txt_files_are_never_cut(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes([{"text": "x " * 500}] * 20)))
+    (tmp_path / "e.txt").write_bytes(b"word " * 2000)
+    assert split_file(tmp_path / "a.jsonl.gz", 100) == split_file(tmp_path / "e.txt", 100) == [None]
 
 
 def test_compressed_jsonl(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
     .venv/bin/python bench/clean/run.py --mode filters --docs 8000 --cores 2
     .venv/bin/python bench/clean/run.py --mode minhash --docs 8000 --cores 2
     .venv/bin/python bench/clean/run.py --mode scale   --docs 4000 --cores 2   # 1x vs 4x corpus
+    .venv/bin/python bench/clean/run.py --mode split   --docs 8000 --cores 2   # one big file: 1 task vs parts
 
 Same corpus (stdlib docstrings, replicated with small edits into ``--files`` jsonl files), same
 cores, same steps with the same thresholds on both sides:
@@ -118,14 +119,15 @@ def data_config(corpus: Path, mode: str, repair: bool) -> dict:
     }
 
 
-def run_ours(corpus: Path, work: Path, cores: int, mode: str, repair: bool, name: str) -> tuple[float, dict]:
+def run_ours(corpus: Path, work: Path, cores: int, mode: str, repair: bool, name: str, **data: object) -> tuple[float, dict]:
     import pyarrow.parquet as pq
 
     from data_prep.clean import clean_corpus
     from pretrain_pipeline.artifacts import RunPaths
     from pretrain_pipeline.config import build_config
 
-    cfg = build_config({"data": data_config(corpus, mode, repair), "runtime": {"runs_root": str(work), "run_name": name, "num_cpus": cores}})
+    data_cfg = {**data_config(corpus, mode, repair), **data}
+    cfg = build_config({"data": data_cfg, "runtime": {"runs_root": str(work), "run_name": name, "num_cpus": cores}})
     start = time.perf_counter()
     res = clean_corpus(cfg, RunPaths(cfg.run_dir()), force=True)
     elapsed = time.perf_counter() - start
@@ -316,9 +318,26 @@ def scale(args, tmp: Path) -> None:
               f" | time x{t4 / t1:.2f}, memory x{m4 / m1:.2f}  (medians of {args.repeats})")
 
 
+def split(args, tmp: Path) -> None:
+    """One big jsonl file (the filters mode's corpus in one file): one task for the whole file
+    vs the file cut into 2 parts per core (``data.clean_task_mb``)."""
+    corpus = make_corpus(tmp / "corpus", args.docs, 1)
+    size_mb = next(corpus.glob("*.jsonl")).stat().st_size / 2**20
+    sides = {"whole": {"clean_task_mb": 2 * size_mb}, "parts": {"clean_task_mb": size_mb / (2 * args.cores) * 1.01}}
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for i in range(args.repeats + 1):  # the first round warms up
+        for side, data in sides.items():
+            t, res = run_ours(corpus, tmp / "runs", args.cores, "filters", True, f"{side}{i}", **data)
+            if i:
+                times[side].append(t)
+    mw, mp = statistics.median(times["whole"]), statistics.median(times["parts"])
+    print(f"split: one file of {size_mb:.1f} MiB, {args.docs} docs, {args.cores} cores: whole-file task median {mw:.2f}s, "
+          f"{2 * args.cores} parts median {mp:.2f}s, speed-up x{mw / mp:.2f}  (medians of {args.repeats})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["filters", "minhash", "scale"], default="filters")
+    ap.add_argument("--mode", choices=["filters", "minhash", "scale", "split"], default="filters")
     ap.add_argument("--docs", type=int, default=8000)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--cores", type=int, default=2)
@@ -333,8 +352,8 @@ def main() -> None:
 
     try:
         with ray_session(RuntimeConfig(num_cpus=args.cores)):
-            if args.mode == "scale":
-                scale(args, tmp)
+            if args.mode in ("scale", "split"):
+                {"scale": scale, "split": split}[args.mode](args, tmp)
                 return
             _quiet_datatrove()
             for repair in {"off": [False], "on": [True], "both": [False, True]}[args.repair]:
