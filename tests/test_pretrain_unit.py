@@ -134,6 +134,21 @@ def test_deepspeed_config():
     assert "bf16" not in deepspeed_config(TrainConfig(), 1)
 
 
+def test_deepspeed_config_reduction_knobs():
+    # ZeRO-1 reduces whole gradients after backward (no per-parameter hook and bucket copies);
+    # ZeRO-2/3 keep contiguous buckets for their partitioned gradients.
+    for world in (1, 2):
+        assert deepspeed_config(TrainConfig(zero_stage=1), world)["zero_optimization"]["contiguous_gradients"] is False
+        for stage in (2, 3):
+            assert deepspeed_config(TrainConfig(zero_stage=stage), world)["zero_optimization"]["contiguous_gradients"] is True
+    # One rank: "sum" skips the division by 1.0 (same gradients); more ranks average; ZeRO-3 refuses "sum".
+    assert deepspeed_config(TrainConfig(zero_stage=1), 1)["gradient_allreduce_op"] == "sum"
+    assert deepspeed_config(TrainConfig(zero_stage=2), 1)["gradient_allreduce_op"] == "sum"
+    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=1), 2)
+    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=3), 1)
+    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=0), 1)
+
+
 # ---------------------------------------------------------------- data
 
 
