@@ -6,12 +6,44 @@ The rest of ``pretrain/`` sees an engine that is called like the model and has `
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import torch
 
 from pretrain_pipeline.config import TrainConfig
+
+
+def zero3_options(world_size: int) -> dict[str, Any]:
+    """ZeRO-3 settings that cut its per-step host work without changing a single number it computes.
+
+    - One transformer block is one ZeRO-3 "leaf module" (DeepSpeed 0.19 ``zero_optimization.leaf_module``;
+      ``parameter_offload._register_deepspeed_module`` stops installing hooks below a leaf and
+      ``pre_sub_module_forward_function`` fetches ``iter_params(leaf, recurse=True)`` in one go).
+      Without it every nn.Linear/LayerNorm/Embedding gets its own pre/post forward hooks, backward
+      pre/post autograd Functions, coordinator fetch/release and trace step: 50 hooked modules per
+      step for the 4-layer benchmark model, 10 with it (this list replaces DeepSpeed's default
+      one, three Hugging Face MoE block classes that never occur in our GPT). ZeRO-3 then gathers
+      (and releases) a block's parameters together, which is how FSDP wraps transformers too; it
+      is not a memory trade: DeepSpeed's default ``stage3_prefetch_bucket_size`` (5e7 elements)
+      already prefetches more than one block ahead for any block under 5e7 parameters (d_model up
+      to ~2000), and blocks are the unit activation checkpointing recomputes anyway. A leaf's gradients are
+      reduced when the block's backward ends (``stage3.create_reduce_and_remove_grad_hooks``, a
+      full backward hook) instead of parameter by parameter: the same gradients, the same sums.
+    - At world size 1 there is nothing to scatter: ``reduce_scatter: false`` takes
+      ``__avg_scatter_contiguous_grads`` (divide the contiguous IPG bucket by 1.0 in place, a
+      one-rank all-reduce, slice it) instead of ``reduce_scatter_coalesced``, which first
+      ``torch.cat``s every gradient into a second flat copy. Bitwise the same (x / 1.0 == x). On
+      more ranks reduce-scatter moves half the bytes of an all-reduce, so it stays on there; the
+      config is generated per launch, so a resume on more ranks gets it back.
+    """
+    from pretrain.model import Block
+
+    opts: dict[str, Any] = {"leaf_module": {"classes": [f"{Block.__module__}.{Block.__qualname__}"]}}
+    if world_size == 1:
+        opts["reduce_scatter"] = False
+    return opts
 
 
 def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -25,6 +57,8 @@ def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # gradients once, after backward (same gradients, bitwise). Optimizer offload turns it back
         # on by itself (DeepSpeed: contiguous_gradients or cpu_offload).
         zero.update(overlap_comm=False, contiguous_gradients=train_cfg.zero_stage >= 2)
+    if train_cfg.zero_stage == 3:
+        zero.update(zero3_options(world_size))
     if train_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if train_cfg.offload_param:
@@ -118,6 +152,38 @@ class Engine:
         return self.ds(*args, **kwargs)
 
 
+@contextlib.contextmanager
+def single_threaded_collective_threads():
+    """Keep gloo's collective threads from starting OpenMP teams of their own (CPU runs only).
+
+    gloo runs every collective on its own run-loop threads, and its all-gather copies tensors with
+    ATen ops there. ZeRO-3 all-gathers the parameters while DeepSpeed initializes (and the persistent
+    ones after every step), and the copies of the larger ones are big enough for an OpenMP parallel region:
+    the first one a thread runs starts a team of OMP_NUM_THREADS for that thread, which lives as long
+    as the process group. libgomp counts every team's threads, and once they outnumber the CPUs it
+    stops spin-waiting in all of them (GOMP's "throttled" spin count): every parallel region of the
+    rank's own compute then pays a futex sleep and wake-up, and at 2 threads per rank on 2 cores
+    ZeRO-3 ran no faster than at 1 (a 1024x128 @ 128x512 matmul went from 0.31 to 0.40 ms).
+    ATen sets a thread's OpenMP thread count once, from the process-wide intra-op setting, on the
+    first ATen op that asks for it; with that setting at 1 while DeepSpeed initializes (where its
+    collectives first run), gloo's threads keep 1 and copy serially, and the ranks' compute threads
+    get their count back afterwards. Copies are exact at any thread count, so nothing changes
+    numerically. NCCL has no such CPU threads, and single-threaded start-up copies would slow a
+    big model's (offload) initialization, so this applies to gloo only.
+    """
+    import torch.distributed as dist
+
+    threads = torch.get_num_threads()
+    if threads == 1 or not dist.is_initialized() or dist.get_backend() != "gloo":
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, world_size: int) -> Engine:
     import deepspeed
 
@@ -130,9 +196,10 @@ def build_engine(model: torch.nn.Module, train_cfg: TrainConfig, world_size: int
         eps=1e-8,
         # torch's default implementation (for-loop on CPU, foreach on CUDA); under ZeRO it steps one flat partition per group.
     )
-    ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(train_cfg, world_size)
-    )
+    with single_threaded_collective_threads():
+        ds_engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(train_cfg, world_size)
+        )
     if train_cfg.compile:
         # DeepSpeed's documented path: compiles the wrapped module in place (nn.Module.compile), after
         # ZeRO has installed its hooks, so parameter names (checkpoints, export) stay unprefixed.

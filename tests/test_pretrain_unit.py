@@ -313,3 +313,22 @@ def test_hf_tokenizer_matches_sentencepiece(run_dir, tmp_path):
         assert tok.encode(line, add_special_tokens=True) == sp.encode(line), line
         assert tok.decode(sp.encode(line)) == sp.decode(sp.encode(line))
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 3)
+
+
+def test_deepspeed_config_zero3_host_work():
+    # ZeRO-3: a transformer block is one leaf module (hooks and gathers per block, not per Linear);
+    # reduce-scatter only where there is something to scatter (more than one rank).
+    from deepspeed.utils import get_z3_leaf_modules, set_z3_leaf_modules
+
+    from pretrain.model import Block
+
+    for world in (1, 2):
+        zero = deepspeed_config(TrainConfig(zero_stage=3), world)["zero_optimization"]
+        assert zero["leaf_module"]["classes"] == [f"{Block.__module__}.{Block.__qualname__}"]
+        assert zero.get("reduce_scatter", True) is (world > 1)
+        for stage in (0, 1, 2):
+            other = deepspeed_config(TrainConfig(zero_stage=stage), world)["zero_optimization"]
+            assert "leaf_module" not in other and "reduce_scatter" not in other
+    model = GPT(tiny(), vocab_size=64)
+    set_z3_leaf_modules(model, zero["leaf_module"]["classes"])  # the class name resolves to the model's blocks
+    assert get_z3_leaf_modules(model) == list(model.transformer.h)
