@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from data_prep.filters import PII_KINDS, clean_batch
 from data_prep.minhash import EDGES_SCHEMA, KEYS_ROW_GROUP, KEYS_SCHEMA, MinHasher, duplicates_from_edges, edges_of_range, key_rows, ordinal
 from data_prep.readers import FilePart, expand_inputs, read_file, split_file
-from data_prep.ray_runtime import available_cpus, ray_session
+from data_prep.ray_runtime import available_cpus, is_quiet, ray_session
 from pretrain_pipeline.artifacts import (
     RunPaths,
     atomic_path,
@@ -267,11 +267,6 @@ def _clean_chunk(rows: list[dict[str, Any]], file_index: int, cfg: DataConfig, h
     return len(rows)
 
 
-def clean_file_task(unit: WorkUnit, work_dir: str, cfg: DataConfig) -> dict[str, Any]:
-    """Stage 1's Ray task (its name is what ``ps`` shows for a busy worker)."""
-    return clean_unit(unit, work_dir, cfg)
-
-
 def _edges_task(paths: list[str], lo: int, hi: int | None) -> pa.Table:
     return edges_of_range(paths, lo, hi)
 
@@ -287,9 +282,7 @@ def _clean_files(todo: list[WorkUnit], work_dir: Path, cfg: DataConfig) -> None:
     import ray
     from tqdm import tqdm
 
-    from data_prep.ray_runtime import is_quiet
-
-    task = ray.remote(num_cpus=1, max_retries=_TASK_RETRIES)(clean_file_task)
+    task = ray.remote(num_cpus=1, max_retries=_TASK_RETRIES)(clean_unit)
     cfg_ref = ray.put(cfg)
     order = sorted(todo, key=lambda u: -u.size)
     pending = {task.remote(unit, str(work_dir), cfg_ref): unit for unit in order}

@@ -327,7 +327,7 @@ def split(args, tmp: Path) -> None:
     times: dict[str, list[float]] = {k: [] for k in sides}
     for i in range(args.repeats + 1):  # the first round warms up
         for side, data in sides.items():
-            t, res = run_ours(corpus, tmp / "runs", args.cores, "filters", True, f"{side}{i}", **data)
+            t, _ = run_ours(corpus, tmp / "runs", args.cores, "filters", True, f"{side}{i}", **data)
             if i:
                 times[side].append(t)
     mw, mp = statistics.median(times["whole"]), statistics.median(times["parts"])

@@ -52,7 +52,7 @@ def _clean_outputs(clean_dir: Path) -> dict[str, bytes]:
 
 
 class WorkerKiller(threading.Thread):
-    """SIGKILL the first Ray worker seen running a ``clean_file_task`` task (its process title)."""
+    """SIGKILL the first Ray worker seen running a ``clean_unit`` task (its process title)."""
 
     def __init__(self, rng: random.Random):
         super().__init__(daemon=True)
@@ -63,7 +63,7 @@ class WorkerKiller(threading.Thread):
         out = []
         for proc in psutil.process_iter(["cmdline"]):
             cmd = " ".join(proc.info["cmdline"] or [])
-            if cmd.startswith("ray::") and "clean_file_task" in cmd:
+            if cmd.startswith("ray::") and "clean_unit" in cmd:
                 out.append(proc)
         return out
 
@@ -74,7 +74,7 @@ class WorkerKiller(threading.Thread):
                 time.sleep(self.rng.uniform(0.0, 0.1))  # somewhere inside the task
                 for proc in busy:
                     try:
-                        if "clean_file_task" in " ".join(proc.cmdline()):  # still on the task
+                        if "clean_unit" in " ".join(proc.cmdline()):  # still on the task
                             proc.kill()
                             self.killed.append(proc.pid)
                             break
