@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -83,8 +85,9 @@ def resolve_device(cfg: PipelineConfig) -> str:
 def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
     """The launcher command for this node.
 
-    torchrun: ``--standalone`` on one node; static rendezvous (``--nnodes --node_rank --master_addr
-    --master_port``) across nodes, one command per node. deepspeed: a hostfile started from node 0
+    torchrun: on one node, ``python -m pretrain.launch`` (torchrun whose rendezvous listens on
+    127.0.0.1 only, see ``loopback_torchrun``); across nodes, static rendezvous (``--nnodes --node_rank
+    --master_addr --master_port``), one command per node. deepspeed: a hostfile started from node 0
     over pdsh, or ``--no_ssh`` with one command per node (Kubernetes, Slurm ``srun``).
     """
     tc = cfg.train
@@ -108,12 +111,48 @@ def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
             cmd += rendezvous
         # --module: the deepspeed launcher runs "python -m" on what follows.
         return cmd + ["--module", "pretrain.train", *target]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tc.nproc_per_node)]
+    ranks = ["--nproc_per_node", str(tc.nproc_per_node), "-m", "pretrain.train", *target]
     if tc.nnodes == 1:
-        cmd.append("--standalone")
-    else:  # static rendezvous: every node is told the same master and its own rank
-        cmd += ["--nnodes", str(tc.nnodes), "--node_rank", str(tc.node_rank), *rendezvous]
-    return cmd + ["-m", "pretrain.train", *target]
+        return [sys.executable, "-m", "pretrain.launch", *ranks]
+    # Static rendezvous: every node is told the same master and its own rank.
+    return [sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", str(tc.nnodes), "--node_rank", str(tc.node_rank), *rendezvous, *ranks]
+
+
+def loopback_torchrun(argv: list[str]) -> None:
+    """torchrun for a one-node run, with every listening socket on 127.0.0.1.
+
+    A TCPStore server binds all interfaces (``::``) whatever host it is given (torch 2.13, libuv and
+    classic backends alike), so ``--standalone`` exposes the rendezvous store to the network. The one
+    exception is a socket handed over as ``master_listen_fd``. torchrun's static rendezvous opens its
+    store with ``multi_tenant=True``, which reuses a server this process already runs on that port:
+    so we bind 127.0.0.1 on a port the kernel picks (free, and held, so parallel runs never collide),
+    start the store on it, and run torchrun in this process pointed at it. The ranks use the agent's
+    store (TORCHELASTIC_USE_AGENT_STORE) and listen for gloo on the loopback interface (build_env).
+    """
+    import torch.distributed as dist
+    from torch.distributed.run import main
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    # The store owns the descriptor from here on (detach: Python must not close it as well); the
+    # local keeps the server alive while torchrun runs.
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, multi_tenant=True,
+                          master_listen_fd=sock.detach())
+    main(["--nnodes", "1", "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", str(port), *argv])
+    del store
+
+
+def loopback_interface() -> str:
+    """The name of the interface holding 127.0.0.1 (``lo`` on Linux)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
+            return name
+    return "lo"
 
 
 def build_env(cfg: PipelineConfig) -> dict[str, str]:
@@ -137,10 +176,70 @@ def build_env(cfg: PipelineConfig) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = str(max(1, cpus // cfg.train.nproc_per_node))
     env["WANDB_MODE"] = cfg.tracking.wandb_mode
     env["PYTHONUNBUFFERED"] = "1"
+    if cfg.train.nnodes == 1 and cfg.train.launcher != "ray":
+        # One node: gloo's and NCCL's bootstrap sockets stay on loopback, like the rendezvous
+        # (loopback_torchrun). A setting the caller made wins.
+        lo = loopback_interface()
+        env.setdefault("GLOO_SOCKET_IFNAME", lo)
+        env.setdefault("NCCL_SOCKET_IFNAME", lo)
     # The ranks import this package; make that work from any working directory.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
+
+
+# The deepspeed launcher's pdsh path (a hostfile, no --no_ssh) starts the ranks of every node over
+# ssh with a fresh environment: it forwards only NCCL*/PYTHON*/UCX*/MLFLOW*/MV2* and the NAME=value
+# lines of its env file (DS_ENV_FILE, else .deepspeed_env in ~ and the launch directory). These are
+# the other settings a rank needs; the file is plain text on shared storage, so no secrets.
+DEEPSPEED_ENV_NAMES = ("DS_ACCELERATOR", "LOCAL_SIZE", "OMP_NUM_THREADS", "GLOO_SOCKET_IFNAME",
+                       "TP_SOCKET_IFNAME", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+DEEPSPEED_ENV_PREFIXES = ("PRETRAIN_PIPELINE_", "WANDB_", "TORCH_", "NCCL_")
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
+# pdsh puts each value into `export NAME="value";`: these characters would change that command.
+_UNSAFE_VALUE = re.compile(r'["$`\\\n\r]')
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def deepspeed_env_lines(env: dict[str, str], log: Callable[[str], Any] = print) -> list[str]:
+    """The ``NAME=value`` lines of the launcher's env file: the user's own ``.deepspeed_env``
+    (``~`` then the launch directory, which ours replaces) and the rank settings from ``env``;
+    never a secret (``wandb login`` on each node puts the W&B key in ~/.netrc instead)."""
+    entries: dict[str, str] = {}
+    root = Path(__file__).resolve().parent.parent
+    user_name = env.get("DS_ENV_FILE", ".deepspeed_env")
+    for user_file in (Path.home() / user_name, root / user_name):
+        if user_file.is_file():
+            for line in user_file.read_text().splitlines():
+                if "=" in line:
+                    name, value = line.split("=", 1)
+                    entries[name.strip()] = value.strip()
+    for name, value in env.items():
+        if name in DEEPSPEED_ENV_NAMES or name.startswith(DEEPSPEED_ENV_PREFIXES):
+            entries[name] = value
+    lines, skipped = [], []
+    for name, value in entries.items():
+        if SECRET_NAME.search(name) or _UNSAFE_VALUE.search(value) or not _NAME.fullmatch(name):
+            skipped.append(name)
+        else:
+            lines.append(f"{name}={value}")
+    if skipped:
+        log(f"train: not forwarded to other nodes (secret or unquotable): {', '.join(sorted(skipped))}")
+    return lines
+
+
+def write_deepspeed_env(cfg: PipelineConfig, paths: RunPaths, env: dict[str, str],
+                        log: Callable[[str], Any] = print) -> Path | None:
+    """For a pdsh launch, write the env file into ``train/`` and point ``DS_ENV_FILE`` at it (an
+    absolute name: DeepSpeed joins it to ``~`` and ``.``, so both lookups find this one file)."""
+    tc = cfg.train
+    if tc.launcher != "deepspeed" or not tc.hostfile or tc.no_ssh:
+        return None
+    path = (paths.train / "deepspeed_env").resolve()
+    # DeepSpeed splits every line at "=": no comments, no blank lines.
+    atomic_write_text(path, "".join(f"{line}\n" for line in deepspeed_env_lines(env, log)))
+    env["DS_ENV_FILE"] = str(path)
+    return path
 
 
 def terminate(proc: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
@@ -227,6 +326,7 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
         env = build_env(cfg)
         Path(env["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
         cmd = build_command(cfg, paths)
+        write_deepspeed_env(cfg, paths, env, log)
         log("train: " + " ".join(cmd))
         log_name = "launcher.log" if leader else f"launcher-node{cfg.train.node_rank}.log"
         run_streaming(cmd, env, paths.train / log_name, log, cwd=Path(__file__).resolve().parent.parent)
@@ -249,3 +349,8 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
     )
     mark_stage_done(paths.train, fp, {"result": result.to_dict(), "summary": summary})
     return result
+
+
+if __name__ == "__main__":
+    # build_command's one-node torchrun: python -m pretrain.launch <torchrun arguments>
+    loopback_torchrun(sys.argv[1:])

@@ -84,6 +84,29 @@ def last_logged_step(log_file: str | Path) -> int | None:
     return int(summary["step"])
 
 
+def wandb_credentials() -> str | None:
+    """Where W&B will take its credentials from (``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, or
+    the netrc entry for ``WANDB_BASE_URL`` that ``wandb login`` writes), or None. Looked up the way
+    wandb itself does, without contacting the server: ranks on other nodes get no WANDB_API_KEY from
+    the launcher, only their own ~/.netrc."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(name):
+            return name
+    host = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    try:
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+    except ImportError:  # moved in another wandb release: read the netrc entry ourselves
+        import netrc
+        from urllib.parse import urlsplit
+
+        try:
+            entry = netrc.netrc(os.environ.get("NETRC")).authenticators(urlsplit(host).netloc)
+        except (FileNotFoundError, netrc.NetrcParseError):
+            return None
+        return "netrc" if entry and entry[2] else None
+    return "netrc" if read_netrc_auth(host=host) else None
+
+
 class Tracker:
     def __init__(
         self,
@@ -105,8 +128,11 @@ class Tracker:
             return
         import wandb
 
-        if cfg.wandb_mode == "online" and not os.environ.get("WANDB_API_KEY"):
-            raise RuntimeError("tracking.wandb_mode is online but WANDB_API_KEY is not set in the environment")
+        if cfg.wandb_mode == "online" and not wandb_credentials():
+            raise RuntimeError(
+                "tracking.wandb_mode is online but W&B has no credentials on this node: set WANDB_API_KEY "
+                "in the environment or run `wandb login` here (it writes ~/.netrc)"
+            )
         drop_inherited_wandb_service()
         wandb_dir = self.run_dir / "wandb"
         if resume_id:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.launch import build_command, train
+from pretrain.launch import build_command, build_env, train, write_deepspeed_env
 from pretrain.synthetic import make_synthetic_run
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, read_stage_record
@@ -41,9 +41,10 @@ def make_cfg(root: Path, **train_overrides):
 
 # --- commands (no processes) -------------------------------------------------------------------
 
-def test_single_node_torchrun_is_standalone(tmp_path):
+def test_single_node_torchrun_rendezvous_on_loopback(tmp_path):
+    # pretrain.launch runs torchrun with its store on 127.0.0.1 (tests/test_launch_listeners.py).
     cmd = build_command(make_cfg(tmp_path / "r"), RunPaths(tmp_path / "r"))
-    assert "--standalone" in cmd and "--node_rank" not in cmd
+    assert cmd[1:3] == ["-m", "pretrain.launch"] and "--node_rank" not in cmd
     assert cmd[cmd.index("-m", 3) + 1] == "pretrain.train"
 
 
@@ -68,6 +69,66 @@ def test_deepspeed_hostfile_pdsh_and_no_ssh(tmp_path):
     assert "--no_ssh" in per_node and per_node[per_node.index("--node_rank") + 1] == "1"
     # Options go to the launcher, before the module it runs.
     assert per_node.index("--no_ssh") < per_node.index("--module")
+
+
+def test_pdsh_launch_forwards_rank_settings_but_no_secrets(tmp_path, monkeypatch):
+    # Only the pdsh path needs the env file: DeepSpeed starts the other nodes' ranks over ssh with
+    # NCCL*/PYTHON*/... and the file's lines, nothing else of this environment.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".deepspeed_env").write_text("MY_FABRIC_SETTING=ib0\nMY_HF_TOKEN=hf_planted\n")
+    for name, value in {"WANDB_API_KEY": "planted-wandb-key", "HF_TOKEN": "planted-hf", "AWS_SECRET_ACCESS_KEY": "x",
+                        "DB_PASSWORD": "x", "PRETRAIN_PIPELINE_FAULT_SEED": "7", "WANDB_PROJECT": "proj",
+                        "PRETRAIN_PIPELINE_ODD": 'a"; rm -rf /; "', "OMP_NUM_THREADS": "3"}.items():
+        monkeypatch.setenv(name, value)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    cfg = make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2, nproc_per_node=1, hostfile=str(hostfile),
+                   master_addr="node-a")
+    cfg.tracking.wandb_mode = "offline"
+    paths = RunPaths(tmp_path / "r")
+    build_command(cfg, paths)
+    env, logged = build_env(cfg), []
+    path = write_deepspeed_env(cfg, paths, env, logged.append)
+    assert path == (paths.train / "deepspeed_env").resolve() and env["DS_ENV_FILE"] == str(path)
+    lines = path.read_text().splitlines()
+    forwarded = dict(line.split("=", 1) for line in lines)  # DeepSpeed's own parse: every line NAME=value
+    assert forwarded["WANDB_MODE"] == "offline" and forwarded["OMP_NUM_THREADS"] == "3"
+    assert forwarded["DS_ACCELERATOR"] == "cpu" and forwarded["WANDB_PROJECT"] == "proj"
+    assert forwarded["TORCH_EXTENSIONS_DIR"] == env["TORCH_EXTENSIONS_DIR"]
+    assert forwarded["PRETRAIN_PIPELINE_FAULT_SEED"] == "7" and forwarded["MY_FABRIC_SETTING"] == "ib0"
+    text = path.read_text()
+    for secret in ("planted", "WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET", "DB_PASSWORD", "rm -rf"):
+        assert secret not in text, secret
+    assert "WANDB_API_KEY" in logged[0] and "planted" not in logged[0]
+    # One command per node (--no_ssh) and one node need no file: their ranks inherit this environment.
+    per_node = make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2, hostfile=str(hostfile), no_ssh=True)
+    assert write_deepspeed_env(per_node, paths, build_env(per_node)) is None
+
+
+def test_online_wandb_accepts_a_netrc_key(tmp_path, monkeypatch):
+    # Ranks started over pdsh or on another node get no WANDB_API_KEY; `wandb login` on each node
+    # leaves the key in ~/.netrc, where wandb itself finds it. Nothing here contacts W&B.
+    from pretrain.tracking import Tracker, wandb_credentials
+    from pretrain_pipeline.config import TrackingConfig
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    assert wandb_credentials() is None
+    with pytest.raises(RuntimeError, match="wandb login"):
+        Tracker(TrackingConfig(wandb_mode="online"), tmp_path / "run")
+    netrc = home / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert wandb_credentials() == "netrc"
+    # A key for another server does not count.
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert wandb_credentials() is None
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_credentials() == "WANDB_API_KEY"
 
 
 def test_bad_multi_node_configs_are_refused(tmp_path):
