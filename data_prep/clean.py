@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
@@ -56,6 +55,7 @@ from pretrain_pipeline.artifacts import (
     atomic_write_json,
     fingerprint,
     mark_stage_done,
+    naming_file,
     read_json,
     read_stage_record,
     sha256_file,
@@ -232,7 +232,7 @@ def clean_unit(unit: WorkUnit, work_dir: str, cfg: DataConfig) -> dict[str, Any]
     # Temp names + rename: a crash mid-file leaves nothing that looks finished.
     with atomic_path(work) as tmp_work, atomic_path(keys_path) as tmp_keys:
         keys: list[pa.Table] = []
-        with pq.ParquetWriter(tmp_work, WORK_SCHEMA, compression="zstd") as w:
+        with naming_file(tmp_work), pq.ParquetWriter(tmp_work, WORK_SCHEMA, compression="zstd") as w:
             rows: list[dict[str, Any]] = []
             for row in read_file(path, cfg.text_field, cfg.id_field, unit.part):
                 rows.append(row)
@@ -245,7 +245,8 @@ def clean_unit(unit: WorkUnit, work_dir: str, cfg: DataConfig) -> dict[str, Any]
         # reads only the row groups of its key range (17 bytes a row; 15 rows a document).
         table = pa.concat_tables(keys) if keys else KEYS_SCHEMA.empty_table()
         table = table.take(pa.compute.sort_indices(table, sort_keys=[("key", "ascending"), ("ord", "ascending")]))
-        pq.write_table(table, tmp_keys, row_group_size=KEYS_ROW_GROUP, write_statistics=True)
+        with naming_file(tmp_keys):
+            pq.write_table(table, tmp_keys, row_group_size=KEYS_ROW_GROUP, write_statistics=True)
     atomic_write_json(done, {"source": path, "rows": n})
     return {"path": path, "rows": n}
 
@@ -296,6 +297,10 @@ def _clean_files(todo: list[WorkUnit], work_dir: Path, cfg: DataConfig) -> None:
                 for ref in pending:
                     ray.cancel(ref, force=True)
                 where = f" ({unit.part})" if unit.part else ""
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, OSError) and cause.filename:
+                    # A full disk, say: the file the worker could not write is the news, not its traceback.
+                    raise OSError(cause.errno, f"clean: cleaning {unit.path}{where} failed: {cause.strerror}", cause.filename) from e
                 raise RuntimeError(f"clean: cleaning {unit.path}{where} failed: {e}") from e
             bar.update(1)
 
@@ -306,7 +311,8 @@ def _clean_files(todo: list[WorkUnit], work_dir: Path, cfg: DataConfig) -> None:
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
     # Fixed writer options: with the same rows, the bytes are the same.
-    pq.write_table(table, path, row_group_size=ROW_GROUP_DOCS, compression="zstd", write_statistics=True, store_schema=True)
+    with naming_file(path):
+        pq.write_table(table, path, row_group_size=ROW_GROUP_DOCS, compression="zstd", write_statistics=True, store_schema=True)
 
 
 def _histogram(n_words: np.ndarray) -> list[dict[str, Any]]:
@@ -340,7 +346,8 @@ class _Writer:
         if sum(t.num_rows for t in self.dropped_buffer) >= _DROPPED_ROW_GROUP:
             table = pa.concat_tables(self.dropped_buffer).combine_chunks()
             full = table.num_rows - table.num_rows % _DROPPED_ROW_GROUP
-            self.dropped.write_table(table.slice(0, full), row_group_size=_DROPPED_ROW_GROUP)
+            with naming_file(self.out_dir / "dropped.parquet"):
+                self.dropped.write_table(table.slice(0, full), row_group_size=_DROPPED_ROW_GROUP)
             self.dropped_buffer = [table.slice(full)]
 
     def _flush(self, n: int) -> None:
@@ -355,10 +362,12 @@ class _Writer:
         if self.buffered:
             self._flush(self.buffered)
         rest = pa.concat_tables([DROPPED_SCHEMA.empty_table(), *self.dropped_buffer])
-        if rest.num_rows:
-            self.dropped.write_table(rest.combine_chunks(), row_group_size=_DROPPED_ROW_GROUP)
-        self.dropped.close()
-        self.quarantine.close()
+        with naming_file(self.out_dir / "dropped.parquet"):
+            if rest.num_rows:
+                self.dropped.write_table(rest.combine_chunks(), row_group_size=_DROPPED_ROW_GROUP)
+            self.dropped.close()
+        with naming_file(self.out_dir / "quarantine.jsonl"):
+            self.quarantine.close()
 
 
 def _write_outputs(units: list[WorkUnit], work_dir: Path, drops: dict[int, str], out_dir: Path, cfg: DataConfig, fp: str) -> dict[str, Any]:
@@ -380,8 +389,9 @@ def _write_outputs(units: list[WorkUnit], work_dir: Path, drops: dict[int, str],
         kept, dropped, quarantined = df[~is_q & ~is_dropped], df[is_dropped], df[is_q]
         writer.add(pa.Table.from_pandas(kept[KEPT_SCHEMA.names], schema=KEPT_SCHEMA, preserve_index=False))
         writer.add_dropped(pa.Table.from_pandas(dropped[DROPPED_SCHEMA.names], schema=DROPPED_SCHEMA, preserve_index=False))
-        for rec in quarantined[["source", "line", "quarantine", "excerpt"]].itertuples(index=False):
-            writer.quarantine.write(json.dumps({"source": rec.source, "line": int(rec.line), "reason": rec.quarantine, "excerpt": rec.excerpt}, ensure_ascii=False) + "\n")
+        with naming_file(out_dir / "quarantine.jsonl"):
+            for rec in quarantined[["source", "line", "quarantine", "excerpt"]].itertuples(index=False):
+                writer.quarantine.write(json.dumps({"source": rec.source, "line": int(rec.line), "reason": rec.quarantine, "excerpt": rec.excerpt}, ensure_ascii=False) + "\n")
         reasons.update(dropped["drop_reason"])
         q_reasons.update(quarantined["quarantine"])
         languages.update(kept["language"])

@@ -22,6 +22,7 @@ import pandas as pd
 from data_prep.langid import LanguageFilter
 from data_prep.pii import PIIRedactor
 from data_prep.quality import C4Quality, DocStats, Filter, FineWebQuality, GopherQuality, GopherRepetition, LineFilter
+from data_prep.readers import EXCERPT_CHARS, text_problem
 from pretrain_pipeline.config import DataConfig
 
 __all__ = ["Cleaner", "DocStats", "Filter", "GopherQuality", "GopherRepetition", "UnicodeRepair", "build_filters",
@@ -230,6 +231,12 @@ def clean_batch(batch: dict[str, list] | pd.DataFrame, cfg: DataConfig) -> dict[
     is_frame = isinstance(batch, pd.DataFrame)
     texts = list(batch["text"])
     quarantine = list(batch["quarantine"]) if "quarantine" in batch else [None] * len(texts)
+    excerpts = list(batch["excerpt"]) if "excerpt" in batch else [None] * len(texts)
+    # Rows from the readers hold a string or are quarantined already; any other caller's None,
+    # number, bytes, list or NUL-laden text is quarantined here (and counted), not cleaned.
+    for i, (text, q) in enumerate(zip(texts, quarantine)):
+        if not _is_set(q) and (reason := text_problem(text)):
+            quarantine[i], excerpts[i], texts[i] = reason, repr(text)[:EXCERPT_CHARS], ""
     cleaner = Cleaner(cfg)
     cols: dict[str, list] = {k: [] for k in ("text", "drop_reason", "text_hash", "n_chars", "n_words", "language", "language_score")}
     pii_cols: dict[str, list] = {f"pii_{k}": [] for k in PII_KINDS}
@@ -247,7 +254,7 @@ def clean_batch(batch: dict[str, list] | pd.DataFrame, cfg: DataConfig) -> dict[
             cols[key].append(value)
         for kind in PII_KINDS:
             pii_cols[f"pii_{kind}"].append(pii.get(kind, 0))
-    columns: dict[str, Any] = {**cols, **pii_cols}
+    columns: dict[str, Any] = {**cols, **pii_cols, "quarantine": quarantine, "excerpt": excerpts}
     if is_frame:
         out = batch.copy()
         for key, values in columns.items():

@@ -64,12 +64,14 @@ def quarantine_row(source: str, line: int, reason: str, raw: bytes | str) -> dic
 
 
 def _doc_id(obj: dict, id_field: str | None, source: str, line: int) -> str:
-    if id_field and obj.get(id_field) is not None:
-        return str(obj[id_field])
-    return f"{source}:{line}"
+    # Any JSON/Arrow value names a document by its text form; a missing or empty one by its place.
+    value = obj.get(id_field) if id_field else None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    return str(value) if value is not None and str(value) else f"{source}:{line}"
 
 
-def _check_text(text: Any) -> str | None:
+def text_problem(text: Any) -> str | None:
     """Reason a text value cannot be a document, or None."""
     if text is None:
         return "missing_text"
@@ -207,7 +209,7 @@ def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = "id"
                     yield quarantine_row(source, line_no, "not_an_object", decoded)
                     continue
                 text = obj.get(text_field)
-                if reason := _check_text(text):
+                if reason := text_problem(text):
                     yield quarantine_row(source, line_no, reason, decoded)
                     continue
                 yield _doc(_doc_id(obj, id_field, source, line_no), text, source, line_no)
@@ -231,21 +233,51 @@ def read_parquet(path: Path, text_field: str = "text", id_field: str | None = "i
         return
     columns = [text_field] + ([id_field] if id_field and id_field in names and id_field != text_field else [])
     row = part.first_line - 1 if part else 0
-    groups = list(range(part.start, part.end)) if part else None
-    for batch in pf.iter_batches(columns=columns, batch_size=4096, row_groups=groups):
-        for rec in batch.to_pylist():
-            row += 1  # 1-based like jsonl lines, so "line" reads the same for both
-            text = rec.get(text_field)
-            if isinstance(text, bytes):
-                try:
-                    text = text.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield quarantine_row(source, row, "invalid_utf8", rec[text_field])
-                    continue
-            if reason := _check_text(text):
-                yield quarantine_row(source, row, reason, repr(text))
-                continue
-            yield _doc(_doc_id(rec, id_field, source, row), text, source, row)
+    groups = range(part.start, part.end) if part else range(pf.metadata.num_row_groups)
+    # One row group at a time: a group whose body does not decode (bad page, failed ZSTD frame)
+    # becomes one quarantine row per row it still owes, as a truncated .gz's rest does, so the
+    # rows in the footer are all accounted for and the next group is still read.
+    for group in groups:
+        n_rows = pf.metadata.row_group(group).num_rows
+        end = row + n_rows
+        batches = pf.iter_batches(columns=columns, batch_size=4096, row_groups=[group])
+        while True:
+            try:
+                batch = next(batches, None)
+                records = _records(batch) if batch is not None else []
+            except Exception as err:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, UnicodeDecodeError...
+                reason = f"read_error:{type(err).__name__}"
+                detail = f"row group {group}: {err}"
+                while row < end:
+                    row += 1
+                    yield quarantine_row(source, row, reason, detail)
+                break
+            if batch is None:
+                break
+            for rec in records:
+                row += 1  # 1-based like jsonl lines, so "line" reads the same for both
+                yield _parquet_row(rec, text_field, id_field, source, row)
+
+
+def _records(batch) -> list[dict[str, Any]]:
+    import pyarrow as pa
+
+    # Strings as bytes: a damaged page can decode to invalid UTF-8, which is then quarantined
+    # row by row (invalid_utf8) instead of failing the whole batch.
+    columns = [c.cast(pa.large_binary()) if pa.types.is_string(c.type) or pa.types.is_large_string(c.type) else c for c in batch.columns]
+    return pa.RecordBatch.from_arrays(columns, names=batch.schema.names).to_pylist()
+
+
+def _parquet_row(rec: dict[str, Any], text_field: str, id_field: str | None, source: str, row: int) -> dict[str, Any]:
+    text = rec.get(text_field)
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return quarantine_row(source, row, "invalid_utf8", text)
+    if reason := text_problem(text):
+        return quarantine_row(source, row, reason, repr(text))
+    return _doc(_doc_id(rec, id_field, source, row), text, source, row)
 
 
 def read_txt(path: Path, text_field: str = "text", id_field: str | None = "id") -> Iterator[dict[str, Any]]:
@@ -256,7 +288,7 @@ def read_txt(path: Path, text_field: str = "text", id_field: str | None = "id") 
     except UnicodeDecodeError:
         yield quarantine_row(source, 1, "invalid_utf8", raw)
         return
-    if reason := _check_text(text):
+    if reason := text_problem(text):
         yield quarantine_row(source, 1, reason, text)
         return
     yield _doc(f"{source}:1", text.replace("\r\n", "\n"), source, 1)

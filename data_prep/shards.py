@@ -39,6 +39,7 @@ from pretrain_pipeline.artifacts import (
     atomic_write_json,
     fingerprint,
     mark_stage_done,
+    naming_file,
     read_json,
     read_stage_record,
     sha256_file,
@@ -262,8 +263,12 @@ class ShardWriter:
                 writer.write_batch(batch)
         data = memoryview(sink.getvalue())
         tmp = path.with_name(f".{name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        try:
+            with naming_file(path), open(tmp, "wb") as f:
+                f.write(data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not stay full of half a shard
+            raise
         os.replace(tmp, path)
         self.shards.append(
             {

@@ -9,6 +9,10 @@ The vocabulary size is a hard limit: a corpus too small for the requested size f
 message saying the largest size it supports, instead of silently producing a smaller vocabulary
 than the model config was written for.
 
+With ``tokenizer.from_run`` the stage trains nothing: it copies another run's finished tokenizer
+(sha256 checked against that run's meta.json and completion record), so named sources tokenized as
+separate runs share one vocabulary and can be mixed at training time.
+
 Output ``tokenizer/``: tokenizer.model, tokenizer.vocab, meta.json, _SUCCESS.json.
 """
 
@@ -18,6 +22,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -33,6 +38,7 @@ from pretrain_pipeline.artifacts import (
     atomic_write_json,
     fingerprint,
     mark_stage_done,
+    read_json,
     read_stage_record,
     sha256_file,
     stage_is_current,
@@ -47,6 +53,8 @@ VOCAB_FILE = "tokenizer.vocab"
 
 # Fields that only shape the shards; changing them must not retrain the tokenizer.
 SHARD_ONLY_FIELDS = ("val_fraction", "shard_size_mb")
+# Not a training setting: a run that sets it trains nothing (see reuse_tokenizer).
+NOT_TRAINING_FIELDS = (*SHARD_ONLY_FIELDS, "from_run")
 
 
 @dataclass
@@ -58,6 +66,7 @@ class TokenizerResult:
     skipped: bool = False
     training_lines: int = 0
     elapsed_s: float = 0.0
+    from_run: str | None = None  # the run whose tokenizer was copied, when not trained here
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -84,7 +93,7 @@ def clean_stage_fingerprint(paths: RunPaths) -> str:
 
 
 def tokenizer_fingerprint(tok: TokenizerConfig, clean_fp: str) -> str:
-    settings = {k: v for k, v in tok.model_dump(mode="json").items() if k not in SHARD_ONLY_FIELDS}
+    settings = {k: v for k, v in tok.model_dump(mode="json").items() if k not in NOT_TRAINING_FIELDS}
     return fingerprint("tokenizer", settings, clean_fp)
 
 
@@ -192,7 +201,8 @@ def _train(input_file: Path, prefix: Path, tok: TokenizerConfig, num_threads: in
             model_prefix=str(prefix),
             num_threads=num_threads or _cpu_count(),
             minloglevel=2 if is_quiet() else 1,
-            **{k: (",".join(v) if isinstance(v, list) else v) for k, v in settings.items() if v != []},
+            # Lists go as lists: the wrapper writes them as CSV, so a symbol may contain a comma.
+            **{k: v for k, v in settings.items() if v != []},
         )
     except RuntimeError as err:
         if m := _TOO_BIG.search(str(err)):
@@ -209,6 +219,8 @@ def _cpu_count() -> int:
 
 
 def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> TokenizerResult:
+    if cfg.tokenizer.from_run is not None:
+        return reuse_tokenizer(cfg, paths, force)
     start = time.monotonic()
     tok = cfg.tokenizer
     out_dir = paths.tokenizer
@@ -272,4 +284,69 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
     summary["clean_fingerprint"] = clean_fp
     mark_stage_done(out_dir, fp, summary)
     log.info("tokenizer: vocab %d, sha256 %s", result.vocab_size, sha[:12])
+    return result
+
+
+def source_tokenizer(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
+    """(tokenizer/ of run ``tokenizer.from_run``, its meta.json), its model's sha256 verified."""
+    name = cfg.tokenizer.from_run
+    if name == cfg.runtime.run_name:
+        raise ValueError(f"tokenizer.from_run={name!r} names this run itself; name the run that trained the tokenizer")
+    src = RunPaths(Path(cfg.runtime.runs_root) / name).tokenizer
+    record = read_stage_record(src)
+    if record is None:
+        raise FileNotFoundError(
+            f"{src}: tokenizer.from_run={name!r}, but that run has no finished tokenizer (no _SUCCESS.json); "
+            f"run `pretrain-pipeline tokenize` for {name!r} first"
+        )
+    meta = read_json(src / "meta.json")
+    sha = sha256_file(src / MODEL_FILE)
+    if not sha == meta["sha256"] == record["sha256"]:
+        raise ValueError(
+            f"{src / MODEL_FILE}: sha256 {sha[:12]} does not match its meta.json ({meta['sha256'][:12]}) and "
+            f"_SUCCESS.json ({record['sha256'][:12]}); re-run the tokenizer stage of {name!r}"
+        )
+    return src, meta
+
+
+def reuse_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> TokenizerResult:
+    """Copy run ``tokenizer.from_run``'s tokenizer: same ids, so the sources can be mixed.
+
+    The fingerprint is the model's sha256 (and the run it came from), not this run's corpus: a
+    cleaned corpus that changes re-encodes the shards but keeps the shared tokenizer.
+    """
+    start = time.monotonic()
+    name = cfg.tokenizer.from_run
+    out_dir = paths.tokenizer
+    src, src_meta = source_tokenizer(cfg)
+    sha = src_meta["sha256"]
+    fp = fingerprint("tokenizer", {"from_run": name}, sha)
+    result = TokenizerResult(
+        model_path=out_dir / MODEL_FILE,
+        vocab_path=out_dir / VOCAB_FILE,
+        vocab_size=int(src_meta["vocab_size"]),
+        sha256=sha,
+        from_run=name,
+    )
+    if not force and stage_is_current(out_dir, fp):
+        log.info("tokenizer: still the tokenizer of run %r, skipping (%s)", name, out_dir)
+        result.skipped = True
+        return result
+
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        for file in (MODEL_FILE, VOCAB_FILE):
+            if (src / file).exists():
+                shutil.copyfile(src / file, tmp / file)
+        if sha256_file(tmp / MODEL_FILE) != sha:
+            raise RuntimeError(f"{src / MODEL_FILE} changed while it was being copied; run the stage again")
+        # The source's meta (its training settings and sample) plus where this copy came from.
+        meta = {**src_meta, "from_run": {"run": name, "path": str(src.resolve()), "sha256": sha}}
+        atomic_write_json(tmp / "meta.json", meta)
+
+    result.elapsed_s = round(time.monotonic() - start, 3)
+    summary = result.to_dict()
+    summary.pop("skipped")
+    mark_stage_done(out_dir, fp, summary)
+    log.info("tokenizer: reused run %r's tokenizer (vocab %d, sha256 %s)", name, result.vocab_size, sha[:12])
     return result

@@ -46,9 +46,40 @@ def zero3_options(world_size: int) -> dict[str, Any]:
     return opts
 
 
+def effective_zero_stage(train_cfg: TrainConfig, world_size: int) -> int:
+    """The ZeRO stage a launch runs: ZeRO-2/3 on one rank without offload run as ZeRO-1.
+
+    Partitioning over one rank keeps every gradient and parameter whole, so ZeRO-2/3 would hold the
+    same bytes as ZeRO-1 and still pay for their machinery on every step: ZeRO-3's per-block
+    fetch/release hooks, its fp64 per-parameter gradient norm and partition bookkeeping cost a
+    1-rank CPU run about a quarter of its speed. torchtitan makes the same call for FSDP, which
+    it applies only when the shard degree is above 1. Offload is a memory feature that matters on
+    one GPU too, so an offloading run keeps its stage, and ``keep_zero_stage_on_one_rank`` keeps it
+    for anyone exercising ZeRO-3 on one process. The config is generated per launch, so a run on
+    more ranks gets its configured stage; the checkpoints of a one-rank run are ZeRO-1 checkpoints,
+    which evaluation and export read like any other stage.
+    """
+    if (
+        world_size == 1
+        and train_cfg.zero_stage >= 2
+        and not (train_cfg.keep_zero_stage_on_one_rank or train_cfg.offload_optimizer or train_cfg.offload_param)
+    ):
+        return 1
+    return train_cfg.zero_stage
+
+
+def zero_stage_note(train_cfg: TrainConfig, world_size: int) -> str:
+    """The stage for log lines and the plan: "3", or "3 (runs as 1: one rank, nothing to partition)"."""
+    stage = effective_zero_stage(train_cfg, world_size)
+    if stage == train_cfg.zero_stage:
+        return str(stage)
+    return f"{train_cfg.zero_stage} (runs as {stage}: one rank, nothing to partition)"
+
+
 def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": train_cfg.zero_stage}
-    if train_cfg.zero_stage:
+    stage = effective_zero_stage(train_cfg, world_size)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage:
         # contiguous_gradients copies each gradient into a reduce bucket from a per-parameter
         # autograd hook, then into a partition buffer: it exists to keep ZeRO-2/3's partitioned
         # gradients unfragmented. ZeRO-1 keeps whole gradients until the boundary, so there it is
@@ -56,8 +87,8 @@ def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         # (about 5% of a step on the 1-rank CPU benchmark); without it ZeRO-1 reduces the same
         # gradients once, after backward (same gradients, bitwise). Optimizer offload turns it back
         # on by itself (DeepSpeed: contiguous_gradients or cpu_offload).
-        zero.update(overlap_comm=False, contiguous_gradients=train_cfg.zero_stage >= 2)
-    if train_cfg.zero_stage == 3:
+        zero.update(overlap_comm=False, contiguous_gradients=stage >= 2)
+    if stage == 3:
         zero.update(zero3_options(world_size))
     if train_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -75,7 +106,7 @@ def deepspeed_config(train_cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if world_size == 1 and train_cfg.zero_stage in (1, 2):
+    if world_size == 1 and stage in (1, 2):
         # One rank has nothing to average: "mean" divides every gradient by 1.0 (a full pass over
         # them each step, exact, so "sum" gives bitwise the same gradients). DeepSpeed refuses
         # "sum" with ZeRO-3. The config is generated per launch, so a resume on more ranks averages.
@@ -140,6 +171,32 @@ class Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+    def step(self) -> bool:
+        """DeepSpeed's step (an optimizer update only at the accumulation boundary). False when
+        that boundary's gradients held NaN/inf and so no update was applied.
+
+        DeepSpeed's ZeRO optimizers and its bf16 optimizer already skip a step whose gradient norm
+        is not finite (``was_step_applied`` then reads False); without ZeRO in fp32 it clips and
+        steps the torch optimizer directly, so there the gradients are checked first and that one
+        optimizer step is skipped (DeepSpeed still ends the boundary: counters, zeroed gradients).
+        fp16's skipped steps are its loss scaler at work, not a failure, so they read True."""
+        ds = self.ds
+        if not ds.is_gradient_accumulation_boundary() or ds.fp16_enabled():
+            ds.step()
+            return True
+        if ds.zero_optimization_stage() == 0 and not ds.bfloat16_enabled():
+            grads = [p.grad for p in ds.module.parameters() if p.grad is not None]
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                ds.optimizer.zero_grad(set_to_none=False)  # zeros: DeepSpeed's clip needs some grads
+                ds.optimizer.step = lambda *args, **kwargs: None  # this instance, this step only
+                try:
+                    ds.step()
+                finally:
+                    del ds.optimizer.step
+                return False
+        ds.step()
+        return ds.was_step_applied()
 
     def grad_norm(self) -> float | None:
         norm = self.ds.get_global_grad_norm()

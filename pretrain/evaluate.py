@@ -1,4 +1,5 @@
-"""Held-out loss, perplexity and bits-per-byte of the last checkpoint, plus a few samples.
+"""Held-out loss, perplexity and bits-per-byte of the last checkpoint, a few samples, and the
+configured lm-evaluation-harness tasks (``eval.lm_eval_tasks``) through our adapter.
 
 Runs in one process, without DeepSpeed's launcher: the checkpoint is consolidated to fp32 first.
 The scored windows are the first ``eval.max_tokens`` targets of the val stream, in order and
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,7 @@ class EvalResult:
     bytes: int
     checkpoint_tag: str
     samples: list[dict[str, str]] = field(default_factory=list)
+    lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
     eval_path: str = ""
     checkpoint_sha256: str = ""
     wandb: str | None = None
@@ -88,7 +91,8 @@ def log_to_wandb(cfg: PipelineConfig, paths: RunPaths, result: "EvalResult", ste
                       run_name=cfg.runtime.run_name)
     try:
         metrics = {"eval/loss": result.loss, "eval/perplexity": result.perplexity,
-                   "eval/bits_per_byte": result.bits_per_byte, "eval/tokens": result.tokens}
+                   "eval/bits_per_byte": result.bits_per_byte, "eval/tokens": result.tokens,
+                   **{f"lm_eval/{task}/{name}": v for task, m in result.lm_eval.items() for name, v in m.items()}}
         tracker.log(metrics, step=step)
         tracker.summary({**metrics, "eval/checkpoint_tag": result.checkpoint_tag,
                          **{f"eval/sample_{i}": s["prompt"] + s["completion"] for i, s in enumerate(result.samples)}})
@@ -148,12 +152,14 @@ def score(model: GPT, stream: TokenStream, max_tokens: int, micro_batch: int, eo
     }
 
 
-def generate_samples(model: GPT, sp, cfg: PipelineConfig, eos_id: int, bos_id: int, device: str) -> list[dict[str, str]]:
+def generate_samples(model: GPT, sp, cfg: PipelineConfig, eos_id: int, device: str) -> list[dict[str, str]]:
+    """Completions of ``eval.prompts``, each primed with EOS: every training document follows one
+    (shards hold doc, EOS, doc, EOS, ...; BOS never occurs), and the lm-eval adapter does the same."""
     ec = cfg.eval
     samples = []
     for i, prompt in enumerate(ec.prompts):
         generator = torch.Generator(device=device).manual_seed(ec.seed + i)
-        ids = sp.encode(prompt) or [bos_id]
+        ids = [eos_id] + sp.encode(prompt)
         out = model.generate(
             torch.tensor([ids], device=device), ec.max_new_tokens, temperature=ec.temperature,
             top_k=ec.top_k or None, generator=generator, eos_id=eos_id,
@@ -162,12 +168,51 @@ def generate_samples(model: GPT, sp, cfg: PipelineConfig, eos_id: int, bos_id: i
     return samples
 
 
+def task_files_sha256(include_path: str | None) -> str | None:
+    """Hash of every file under the local lm-eval task directory: an edited task YAML or data file
+    makes the evaluate stage stale, as a changed task list does."""
+    if include_path is None:
+        return None
+    root = Path(include_path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"eval.lm_eval_include_path: {root} is not a directory")
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(root).as_posix()}|{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+def run_lm_eval(cfg: PipelineConfig, model: GPT, sp, eos_id: int, device: str) -> dict[str, dict[str, float]]:
+    """``eval.lm_eval_tasks`` on the model in memory, through our lm-eval adapter: task -> metric
+    (``acc``, ``acc_stderr``, or ``acc/<filter>`` for a filter other than lm-eval's ``none``) -> value."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from pretrain.lm_eval_adapter import PretrainPipelineLM
+
+    ec = cfg.eval
+    lm = PretrainPipelineLM.from_model(model, sp, eos_id, batch_size=ec.micro_batch_size, device=device)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=list(ec.lm_eval_tasks), task_manager=TaskManager(include_path=ec.lm_eval_include_path),
+        limit=ec.lm_eval_limit, log_samples=False,
+    )
+    results: dict[str, dict[str, float]] = {}
+    for task, metrics in out["results"].items():
+        for key, value in metrics.items():
+            # lm-eval writes "N/A" for a stderr it did not compute, and an "alias" string.
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "," in key:
+                name, filt = key.split(",", 1)
+                results.setdefault(task, {})[name if filt == "none" else f"{name}/{filt}"] = float(value)
+    return results
+
+
 def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalResult:
     import sentencepiece as spm
 
     train_record = read_stage_record(paths.train) or {}
     tag = latest_tag(paths.checkpoints)
-    fp = fingerprint(cfg.eval.model_dump(mode="json"), train_record.get("fingerprint"), tag)
+    tasks_sha = task_files_sha256(cfg.eval.lm_eval_include_path) if cfg.eval.lm_eval_tasks else None
+    fp = fingerprint(cfg.eval.model_dump(mode="json"), train_record.get("fingerprint"), tag, tasks_sha)
     if not force and stage_is_current(paths.eval, fp):
         return EvalResult(**{**read_json(paths.eval / "eval.json")["result"], "skipped": True})
 
@@ -178,10 +223,12 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalR
     sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
     stream = TokenStream(manifest.shard_paths("val"))
     metrics = score(model, stream, cfg.eval.max_tokens, cfg.eval.micro_batch_size, manifest.eos_id, sp, device)
-    samples = generate_samples(model, sp, cfg, manifest.eos_id, manifest.bos_id, device)
+    samples = generate_samples(model, sp, cfg, manifest.eos_id, device)
+    lm_eval_results = run_lm_eval(cfg, model, sp, manifest.eos_id, device) if cfg.eval.lm_eval_tasks else {}
     result = EvalResult(
         loss=metrics["loss"], perplexity=metrics["perplexity"], bits_per_byte=metrics["bits_per_byte"],
         tokens=int(metrics["tokens"]), bytes=int(metrics["bytes"]), checkpoint_tag=tag, samples=samples,
+        lm_eval=lm_eval_results,
         eval_path=str(paths.eval / "eval.json"), checkpoint_sha256=weights_sha256(model),
     )
     step_match = TAG_RE.match(tag)
@@ -200,6 +247,7 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalR
             "manifest": str(manifest.path),
             "manifest_sha256": sha256_file(manifest.path),
             "tokenizer_sha256": manifest.raw.get("tokenizer_sha256"),
+            "lm_eval_task_files_sha256": tasks_sha,
             "bits_per_byte_method": "UTF-8 bytes of the scored target pieces (byte tokens count 1, "
             "control tokens 0, the dummy-prefix space at each document start excluded)",
         },

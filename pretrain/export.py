@@ -28,6 +28,7 @@ from pretrain_pipeline.artifacts import (
     atomic_path,
     fingerprint,
     mark_stage_done,
+    naming_file,
     read_json,
     read_stage_record,
     sha256_file,
@@ -62,12 +63,19 @@ def build_hf_tokenizer(spm_path: Path, bos: str, eos: str, unk: str, pad: str):
     prefix and SentencePiece's whitespace clean-up into the normalizer and wrap it in the generic
     fast tokenizer, so ``tokenizer.json`` alone reproduces it (the Llama class would rebuild its own
     pre-tokenizer on load and drop these rules).
+
+    Text is text, as in SentencePiece: a literal ``<s>`` or ``</s>`` is spelled out, never read as
+    the control token (``split_special_tokens``, saved in tokenizer_config.json). User-defined
+    symbols are cut out of the *normalized* string, as SentencePiece does, rather than as added
+    tokens, which ``tokenizers`` splits off before normalizing (each piece after one would get a
+    dummy prefix of its own).
     """
+    import re
     import shutil
     import tempfile
 
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import Regex, normalizers
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -87,9 +95,20 @@ def build_hf_tokenizer(spm_path: Path, bos: str, eos: str, unk: str, pad: str):
     steps.append(normalizers.Replace(" ", "\u2581"))
     backend.normalizer = normalizers.Sequence(steps)
     backend.pre_tokenizer = None
+    symbols = [p.piece for p in proto.pieces if p.type == p.USER_DEFINED]
+    if symbols:
+        graph = json.loads(backend.to_str())
+        graph["added_tokens"] = [t for t in graph["added_tokens"] if t["special"]]
+        # A segment that is a whole vocabulary entry (a symbol) maps to it; there are no merges to build one.
+        graph["model"]["ignore_merges"] = True
+        backend = Tokenizer.from_str(json.dumps(graph))
+        longest_first = sorted(symbols, key=len, reverse=True)  # SentencePiece matches the longest symbol
+        backend.pre_tokenizer = pre_tokenizers.Split(
+            Regex("|".join(re.escape(s) for s in longest_first)), behavior="isolated"
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad,
-        add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False,
+        add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False, split_special_tokens=True,
     )
 
 
@@ -162,6 +181,8 @@ def model_card(
         ]
         if saved.get("checkpoint_sha256"):
             lines.append(f"- evaluated checkpoint sha256: `{saved['checkpoint_sha256']}`")
+        for task, metrics in (r.get("lm_eval") or {}).items():
+            lines.append(f"- lm-eval `{task}`: " + ", ".join(f"{name} {v:.4g}" for name, v in metrics.items()))
     if onnx_diff is not None:
         lines += ["", "## ONNX", f"`model.onnx` (input `input_ids`, output `logits`, no KV cache) matches the "
                   f"transformers model within {onnx_diff:.2e} under onnxruntime."]
@@ -177,8 +198,10 @@ def model_card(
         'tok = AutoTokenizer.from_pretrained("path/to/hf")',
         'model = AutoModelForCausalLM.from_pretrained("path/to/hf")',
         "```",
-        "Note: the tokenizer does not add BOS/EOS; text that literally contains `<s>`, `</s>`, `<pad>` "
-        "or `<unk>` is read as those special tokens, unlike the SentencePiece model used in training.",
+        "Note: the tokenizer does not add BOS/EOS, and text that literally contains `<s>`, `</s>`, `<pad>` "
+        "or `<unk>` is spelled out as characters, as the SentencePiece model used in training does "
+        "(`split_special_tokens: true` in tokenizer_config.json). Training documents each follow an EOS "
+        "token: start a prompt with it (id `eos_token_id`) to match.",
         "",
     ]
     return "\n".join(lines)
@@ -201,7 +224,8 @@ def write_hf_weights(state: Mapping[str, Any], model_cfg: ModelConfig, out_dir: 
     total = 0
 
     def flush() -> None:
-        save_file(shard, out_dir / f".part-{len(parts)}", metadata={"format": "pt"})
+        with naming_file(out_dir / f".part-{len(parts)}"):
+            save_file(shard, out_dir / f".part-{len(parts)}", metadata={"format": "pt"})
         parts.append(list(shard))
         shard.clear()
 
@@ -233,7 +257,8 @@ def write_hf_weights(state: Mapping[str, Any], model_cfg: ModelConfig, out_dir: 
     for i, file in enumerate(files):
         (out_dir / f".part-{i}").rename(out_dir / file)
     index = {"metadata": {"total_size": total}, "weight_map": {n: f for f, names in zip(files, parts) for n in names}}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    with naming_file(out_dir / "model.safetensors.index.json"):
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return files
 
 
@@ -313,24 +338,27 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
         if cfg.export.gguf:
             from pretrain.gguf_export import write_gguf
 
-            write_gguf(
-                gguf_tmp / "model.gguf", cfg.model, state, manifest.tokenizer_path, name=cfg.runtime.run_name,
-                bos_id=manifest.bos_id, eos_id=manifest.eos_id, pad_id=manifest.pad_id, dtype=cfg.export.gguf_dtype,
-            )
+            with naming_file(gguf_tmp / "model.gguf"):
+                write_gguf(
+                    gguf_tmp / "model.gguf", cfg.model, state, manifest.tokenizer_path, name=cfg.runtime.run_name,
+                    bos_id=manifest.bos_id, eos_id=manifest.eos_id, pad_id=manifest.pad_id, dtype=cfg.export.gguf_dtype,
+                )
         del state
-        hf_config(cfg.model, manifest.bos_id, manifest.eos_id, manifest.pad_id, vocab_size).save_pretrained(tmp)
-        GenerationConfig(
-            bos_token_id=manifest.bos_id, eos_token_id=manifest.eos_id, pad_token_id=manifest.pad_id,
-            do_sample=cfg.eval.temperature > 0, temperature=cfg.eval.temperature or None,
-            top_k=cfg.eval.top_k or None, max_new_tokens=cfg.eval.max_new_tokens,
-        ).save_pretrained(tmp)
-        tok = hf_tokenizer_for(manifest)
-        tok.model_max_length = cfg.model.block_size
-        tok.save_pretrained(tmp)
-        # The generic class name loads in transformers 4.x as well as 5.x (which aliases it).
-        tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
-        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        # transformers writes several small files per call: a full disk is reported as the folder.
+        with naming_file(tmp):
+            hf_config(cfg.model, manifest.bos_id, manifest.eos_id, manifest.pad_id, vocab_size).save_pretrained(tmp)
+            GenerationConfig(
+                bos_token_id=manifest.bos_id, eos_token_id=manifest.eos_id, pad_token_id=manifest.pad_id,
+                do_sample=cfg.eval.temperature > 0, temperature=cfg.eval.temperature or None,
+                top_k=cfg.eval.top_k or None, max_new_tokens=cfg.eval.max_new_tokens,
+            ).save_pretrained(tmp)
+            tok = hf_tokenizer_for(manifest)
+            tok.model_max_length = cfg.model.block_size
+            tok.save_pretrained(tmp)
+            # The generic class name loads in transformers 4.x as well as 5.x (which aliases it).
+            tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
+            tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
         model, tag, manifest = load_model(cfg, paths, tag)
         hf_model = load_export(tmp)

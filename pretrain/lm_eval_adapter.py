@@ -36,8 +36,11 @@ def _load_run(run_dir: str, tag: str | None):
     if not paths.config.exists():
         raise FileNotFoundError(f"{paths.config} not found: run_dir must be a trained run directory")
     model, _, manifest = load_model(load_config(paths.config), paths, tag)
-    sp = spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path))
-    return (lambda ids: model(ids)[0]), model, sp.encode, sp.decode, manifest.eos_id, model.block_size
+    return _ours(model, spm.SentencePieceProcessor(model_file=str(manifest.tokenizer_path)), manifest.eos_id)
+
+
+def _ours(model, sp, eos_id: int):
+    return (lambda ids: model(ids)[0]), model, sp.encode, sp.decode, eos_id, model.block_size
 
 
 def _load_export(hf_dir: str):
@@ -45,7 +48,9 @@ def _load_export(hf_dir: str):
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    encode = lambda text: tok(text, add_special_tokens=False).input_ids  # noqa: E731
+    # A literal "</s>" in a task's text is text, as SentencePiece reads it (also for exports
+    # written before tokenizer_config.json carried split_special_tokens).
+    encode = lambda text: tok(text, add_special_tokens=False, split_special_tokens=True).input_ids  # noqa: E731
     decode = lambda ids: tok.decode(ids)  # noqa: E731
     logits = lambda ids: model(input_ids=ids, use_cache=False).logits  # noqa: E731
     return logits, model, encode, decode, model.config.eos_token_id, model.config.max_position_embeddings
@@ -60,12 +65,15 @@ class PretrainPipelineLM(LM):
         tag: str | None = None,
         batch_size: int | str = 8,
         device: str | None = None,
+        _loaded: tuple | None = None,  # from_model's
         **_ignored: Any,  # lm-eval passes max_batch_size etc. to every model
     ):
         super().__init__()
-        if (run_dir is None) == (pretrained is None):
+        if _loaded is not None:
+            loaded = _loaded
+        elif (run_dir is None) == (pretrained is None):
             raise ValueError("give exactly one of run_dir=<trained run dir> or pretrained=<HF export dir>")
-        if run_dir is not None:
+        elif run_dir is not None:
             loaded = _load_run(run_dir, tag)
         else:
             loaded = _load_export(pretrained)
@@ -73,6 +81,11 @@ class PretrainPipelineLM(LM):
         self._device = torch.device(device or "cpu")
         self.model.to(self._device)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+
+    @classmethod
+    def from_model(cls, model, sp, eos_id: int, batch_size: int = 8, device: str | None = None) -> "PretrainPipelineLM":
+        """The adapter over a GPT already in memory (the evaluate stage's), without loading it again."""
+        return cls(_loaded=_ours(model, sp, eos_id), batch_size=batch_size, device=device)
 
     @property
     def device(self) -> torch.device:

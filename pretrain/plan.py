@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from pretrain.engine import zero_stage_note
 from pretrain_pipeline.config import PipelineConfig
 
 GiB = 1024**3
@@ -54,12 +55,13 @@ class Plan:
     eta_hours: float | None
     device_memory_gb: float
     fits: bool
+    zero_stage: str = ""  # as launched, e.g. "3 (runs as 1: one rank, nothing to partition)"
 
     def lines(self) -> list[str]:
         eta = f"{self.eta_hours:.2f} h" if self.eta_hours is not None else "n/a (no peak FLOP/s known for this device)"
         return [
             f"params {self.params:,} (non-embedding), {self.params_total:,} total; "
-            f"FLOPs/token {self.flops_per_token:,}; world size {self.world_size}",
+            f"FLOPs/token {self.flops_per_token:,}; world size {self.world_size}; ZeRO {self.zero_stage}",
             f"per-rank memory GiB: weights {self.weights_gb:.3f}, grads {self.grads_gb:.3f}, "
             f"optimizer {self.optimizer_gb:.3f}, activations {self.activations_gb:.3f}, total {self.total_gb:.3f}"
             + (f" of {self.device_memory_gb:g}" if self.device_memory_gb else ""),
@@ -113,6 +115,7 @@ def make_plan(cfg: PipelineConfig, vocab_size: int, world_size: int | None = Non
         weights_gb=weights / GiB, grads_gb=grads / GiB, optimizer_gb=optim / GiB, activations_gb=activations / GiB,
         total_gb=total / GiB, tokens_per_step=tokens_per_step, steps=tc.max_steps, tokens=tokens, eta_hours=eta,
         device_memory_gb=tc.device_memory_gb, fits=not tc.device_memory_gb or total / GiB <= tc.device_memory_gb,
+        zero_stage=zero_stage_note(tc, world),
     )
 
 

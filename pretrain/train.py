@@ -32,13 +32,27 @@ EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved and stopped early, not finished
 EXIT_NONFINITE = 4  # NaN/inf loss (train.nonfinite_loss): stopped without saving the bad state
 
 # Fault injection for the reliability tests: comma-separated micro-batch indices (0-based, counted
-# from this process's start) at which rank 0's loss is replaced by NaN before the policy check.
+# from this process's start) at which rank 0's loss is replaced by NaN before the policy check, or
+# (the _GRAD_ variable) keeps a finite loss whose backward gives NaN gradients.
 FAULT_NONFINITE_ENV = "PRETRAIN_FAULT_NONFINITE_MICROBATCHES"
+FAULT_NONFINITE_GRAD_ENV = "PRETRAIN_FAULT_NONFINITE_GRAD_MICROBATCHES"
 
 
-def injected_nonfinite(rank: int) -> set[int]:
-    raw = os.environ.get(FAULT_NONFINITE_ENV, "")
+def injected_nonfinite(rank: int, env: str = FAULT_NONFINITE_ENV) -> set[int]:
+    raw = os.environ.get(env, "")
     return {int(v) for v in raw.split(",") if v.strip()} if rank == 0 else set()
+
+
+class _NaNGradient(torch.autograd.Function):
+    """The identity forward, NaN backward: a finite loss whose gradients are not (fault injection)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
 
 
 def resolve_device(device: str) -> str:
@@ -153,7 +167,7 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
     # Validation stays on this run's own held-out split, so val/loss is comparable across mixtures.
     val_data = ShardDataset(manifest, "val", cfg.model.block_size, tc.micro_batch_size, rank, world, tc.seed, verify=False)
 
-    from pretrain.engine import build_engine
+    from pretrain.engine import build_engine, zero_stage_note
 
     engine = build_engine(model, tc, world)
     step, tokens_seen, wandb_id = 0, 0, None
@@ -202,7 +216,7 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
             print(f"[pretrain] plan: {line}", flush=True)
         print(
             f"[pretrain] {model.num_params():,} params, world {world}, device {device}, "
-            f"zero {tc.zero_stage}, {tc.precision}, steps {step}->{tc.max_steps}"
+            f"zero {zero_stage_note(tc, world)}, {tc.precision}, steps {step}->{tc.max_steps}"
             + (", activation checkpointing" if getattr(model, "activation_checkpointing", False) else "")
             + (", compiled" if engine.is_compiled else ""),
             flush=True,
@@ -243,6 +257,8 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
     preempted = False
     failure: str | None = None  # set when train.nonfinite_loss stops the run
     inject, drawn = injected_nonfinite(rank), 0
+    inject_grad = injected_nonfinite(rank, FAULT_NONFINITE_GRAD_ENV)
+    grads_finite = True
     stop_agreed = any_rank(stop.requested, device)  # later steps agree on it with their loss
     while step < tc.max_steps:
         if stop_agreed:
@@ -255,6 +271,8 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
             _, loss = engine(x.to(device), y.to(device))
             if drawn in inject:
                 loss = loss + float("nan")
+            if drawn in inject_grad:
+                loss = _NaNGradient.apply(loss)
             drawn += 1
             # Checked on every rank before backward, and agreed by all-reduce: ZeRO reduces gradients
             # inside backward and DeepSpeed counts micro-steps to find the accumulation boundary, so
@@ -276,9 +294,31 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
                           f"({skipped}/{tc.max_skipped_batches})", flush=True)
                 continue
             engine.backward(loss)
-            engine.step()  # DeepSpeed only updates weights at the accumulation boundary
+            # DeepSpeed only updates weights at the accumulation boundary, and not when the
+            # gradients there are NaN/inf (a finite loss does not promise finite gradients).
+            grads_finite = engine.step()
             loss_sum += float(loss.detach())
             good += 1
+        # Every rank sees the same verdict without a collective: the boundary's gradients were
+        # all-reduced before the check (ZeRO-0) or DeepSpeed judged their all-reduced norm (ZeRO, bf16).
+        if not failure and not grads_finite:
+            # The update was not applied, so the weights are still the last good ones: skip the
+            # step's micro-batches and redo it with the next ones, or stop, per train.nonfinite_loss.
+            skipped += tc.grad_accum_steps
+            if tc.nonfinite_loss == "stop" or skipped > tc.max_skipped_batches:
+                why = ("train.nonfinite_loss=stop" if tc.nonfinite_loss == "stop"
+                       else f"{skipped} skipped micro-batches > train.max_skipped_batches={tc.max_skipped_batches}")
+                failure = (
+                    f"non-finite gradients at step {step + 1} (finite loss, lr {lr:.3g}); the update was not "
+                    f"applied; stopped without saving ({why}); latest checkpoint "
+                    f"{latest_tag(paths.checkpoints) or '(none)'} is the last good state. "
+                    "Lower train.lr, raise train.warmup_steps or set train.grad_clip."
+                )
+            elif rank == 0:
+                print(f"[pretrain] step {step + 1}: non-finite gradients, update not applied, its "
+                      f"{tc.grad_accum_steps} micro-batch(es) skipped ({skipped}/{tc.max_skipped_batches})", flush=True)
+            if not failure:
+                continue
         if failure:
             break
         step += 1

@@ -8,9 +8,11 @@ made the outputs. A stage whose record matches the current fingerprint is skippe
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -97,6 +99,34 @@ def fingerprint(*parts: Any) -> str:
     return sha256_bytes(blob)
 
 
+# Errors that mean "no room for this file": a full disk, a full quota, the file-size limit (ulimit -f).
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# How a Rust writer (safetensors) reports an OS error: the message ends "(os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def naming_file(path: str | Path) -> Iterator[None]:
+    """Re-raise "no room" while writing ``path`` as an ``OSError`` that names ``path``.
+
+    pyarrow, ``file.write`` and safetensors report a full disk as a bare "[Errno 28] No space left
+    on device" (safetensors not even as an ``OSError``); only the code writing the file knows its
+    name. Other errors, and ones that already name a file, pass unchanged.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in _NO_ROOM or err.filename is not None:
+            raise
+        raise OSError(err.errno, os.strerror(err.errno), str(path)) from err
+    except Exception as err:
+        found = _RUST_OS_ERROR.search(str(err))
+        if found is None or int(found.group(1)) not in _NO_ROOM:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from err
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -115,7 +145,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
+        with naming_file(path), os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -148,12 +148,38 @@ class TokenizerConfig(Section):
         2_000_000, ge=100, description="Lines sampled (seeded) for training; bounds memory."
     )
     max_sentence_length: int = Field(16384, ge=64, description="Longer lines are split before training.")
-    user_defined_symbols: list[str] = Field(default_factory=list, description="Extra special tokens.")
+    user_defined_symbols: list[str] = Field(
+        default_factory=list,
+        description="Extra special tokens, each always one id (4, 5, ... after unk, bos, eos, pad); no whitespace.",
+    )
     val_fraction: float = Field(
         0.01, ge=0, lt=1, description="Share of documents routed to validation by a seeded hash of the id."
     )
     shard_size_mb: float = Field(64.0, gt=0, description="Target size of one Arrow shard.")
     seed: int = Field(1234, description="Seed for the training sample and the train/val split.")
+    from_run: str | None = Field(
+        None,
+        description="Reuse the finished tokenizer of this run (a run name under runtime.runs_root) instead of "
+        "training one, so named sources (web, books, code) share token ids and can be mixed by "
+        "train.data_mixture. The training fields above are then ignored; val_fraction, shard_size_mb and seed "
+        "still shape this run's shards.",
+    )
+
+    @model_validator(mode="after")
+    def _check_tokenizer(self) -> "TokenizerConfig":
+        if self.from_run is not None and (not RUN_NAME_RE.fullmatch(self.from_run) or ".." in self.from_run):
+            # It becomes a path under runs_root: a plain run name can never point elsewhere.
+            raise ValueError(f"tokenizer.from_run: {self.from_run!r} is not a plain run name (no '/', no '..')")
+        for sym in self.user_defined_symbols:
+            # SentencePiece splits text at whitespace before matching pieces: such a symbol would
+            # never come out as its one id.
+            if not sym or any(c.isspace() for c in sym):
+                raise ValueError(f"tokenizer.user_defined_symbols: {sym!r} is empty or contains whitespace")
+            if sym in ("<unk>", "<s>", "</s>", "<pad>"):
+                raise ValueError(f"tokenizer.user_defined_symbols: {sym!r} is already a special token")
+        if len(set(self.user_defined_symbols)) != len(self.user_defined_symbols):
+            raise ValueError("tokenizer.user_defined_symbols: a symbol is listed twice")
+        return self
 
 
 # Published shapes. A preset fills only the fields the user did not set, so
@@ -216,6 +242,11 @@ class TrainConfig(Section):
     """DeepSpeed training. The DeepSpeed JSON is generated from these fields."""
 
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    keep_zero_stage_on_one_rank: bool = Field(
+        False,
+        description="ZeRO-2/3 on one rank have nothing to partition, so such a run (without offload) "
+        "uses ZeRO-1 and skips their per-step partitioning work; true keeps the configured stage.",
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU.")
     offload_param: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
@@ -322,12 +353,19 @@ class EvalConfig(Section):
     top_k: int = Field(50, ge=0, description="0 = no top-k cut.")
     seed: int = 7
     wandb: bool = Field(True, description="Log the results to the training run's W&B run (tracking.wandb_mode).")
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run on the checkpoint (none: skipped)."
+    )
+    lm_eval_include_path: str | None = Field(
+        None, description="Directory of local lm-eval task YAMLs (and their data); its files are part of the stage's hash."
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="At most this many documents per lm-eval task.")
 
 
 class ExportConfig(Section):
-    """Hugging Face (GPT-2 or Llama family) and ONNX exports of the last checkpoint."""
+    """Exports of the last checkpoint: always a Hugging Face folder (GPT-2 or Llama family), which
+    the ONNX graph is traced from and lm-eval reads, optionally ONNX and GGUF."""
 
-    hf: bool = Field(True, description="Write a Hugging Face model (safetensors + tokenizer).")
     max_shard_size: str = Field("2GB", description="Largest safetensors shard (transformers size string).")
     onnx: bool = Field(False, description="Also export ONNX and check it with onnxruntime.")
     onnx_opset: int = Field(18, ge=14, le=23, description="ONNX opset of the exported graph.")

@@ -94,9 +94,16 @@ def _plot_lengths(stats: dict[str, Any], out: Path) -> Path | None:
     return out
 
 
-def _plot_loss(metrics: list[dict[str, Any]], out: Path) -> Path | None:
-    train = [(m["step"], m["train/loss"]) for m in metrics if "train/loss" in m and "step" in m]
-    val = [(m["step"], m["val/loss"]) for m in metrics if "val/loss" in m and "step" in m]
+def _loss_series(metrics: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """(step, loss) points of each curve in metrics.jsonl."""
+    return {
+        name: [(m["step"], m[f"{key}/loss"]) for m in metrics if f"{key}/loss" in m and "step" in m]
+        for name, key in (("train loss", "train"), ("validation loss", "val"))
+    }
+
+
+def _plot_loss(series: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
+    train, val = series["train loss"], series["validation loss"]
     if not train and not val:
         return None
     import matplotlib
@@ -162,16 +169,26 @@ def write_report(paths: RunPaths) -> Path:
     lines.append("## 3. Train")
     if summary:
         lines += _table([(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))])
-    if _plot_loss(metrics, paths.plots / "loss.png"):
+    series = _loss_series(metrics)
+    if _plot_loss(series, paths.plots / "loss.png"):
         lines += ["![loss](plots/loss.png)", ""]
+        # What the plot shows, in words: a reader (or a check) sees a missing curve without the image.
+        for name, points in series.items():
+            last = f", last {points[-1][1]:.4g} at step {points[-1][0]}" if points else ""
+            lines.append(f"- {name}: {len(points)} points{last}")
+        lines.append("")
     if not summary and not metrics:
         lines += ["(not run)", ""]
 
     ev = _load(paths.eval / "eval.json")
     lines.append("## 4. Evaluate")
     if ev:
-        ev = {**ev.get("result", {}), "checkpoint_tag": ev.get("checkpoint_tag")}
+        ev = {**ev.get("result", {}), "checkpoint_tag": ev.get("checkpoint_tag"), "config_sha256": ev.get("config_sha256")}
         lines += _table([(k, v) for k, v in ev.items() if isinstance(v, (int, float, str)) and k not in ("eval_path", "skipped")])
+        if ev.get("lm_eval"):
+            lines += ["lm-evaluation-harness:", "", "| task | metric | value |", "|---|---|---|"]
+            lines += [f"| {task} | {name} | {_fmt(v)} |" for task, m in ev["lm_eval"].items() for name, v in m.items()]
+            lines.append("")
         for sample in ev.get("samples") or []:
             prompt = sample.get("prompt", "") if isinstance(sample, dict) else ""
             text = sample.get("completion", sample.get("text", "")) if isinstance(sample, dict) else str(sample)

@@ -58,8 +58,9 @@ def tokenize(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict
     with ray_session(cfg.runtime):
         tok = _result(train_tokenizer(cfg, paths, force=force))
         shards = _result(write_shards(cfg, paths, force=force))
+    source = f" (tokenizer of run {tok['from_run']!r})" if tok.get("from_run") else ""
     log(
-        f"tokenize: vocab {tok.get('vocab_size')}, "
+        f"tokenize: vocab {tok.get('vocab_size')}{source}, "
         f"{shards.get('train_tokens')} train / {shards.get('val_tokens')} val tokens -> {paths.shards}"
     )
     return {"tokenizer": tok, "shards": shards}
@@ -79,7 +80,8 @@ def evaluate(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict
 
     paths = prepare_run(cfg)
     result = _result(run_eval(cfg, paths, force=force))
-    log(f"evaluate: val loss {result.get('loss')}, ppl {result.get('perplexity')}, bpb {result.get('bits_per_byte')}")
+    log(f"evaluate: val loss {result.get('loss')}, ppl {result.get('perplexity')}, bpb {result.get('bits_per_byte')}"
+        + "".join(f"; {task} {metrics}" for task, metrics in (result.get("lm_eval") or {}).items()))
     return result
 
 

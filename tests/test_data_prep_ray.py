@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import zstandard
 from data_prep.clean import clean_corpus
 from data_prep.shards import assign_splits, read_shard_tokens, write_shards
 from data_prep.tokenizer import train_tokenizer
-from pretrain_pipeline.artifacts import RunPaths, sha256_file
-from pretrain_pipeline.config import PipelineConfig, RuntimeConfig, build_config
+from pretrain_pipeline.artifacts import RunPaths, read_json, sha256_file
+from pretrain_pipeline.config import PipelineConfig, build_config
 
 pytestmark = pytest.mark.integration
 
@@ -198,6 +197,8 @@ def test_tokenizer_too_big_vocab_is_explained(run, tmp_path) -> None:
 
 
 def test_manifest_matches_files(run) -> None:
+    import datasets
+
     paths = run["paths"]
     manifest = json.loads((paths.shards / "manifest.json").read_text())
     assert manifest["format"] == "arrow-ipc-stream" and manifest["dtype"] == "uint16"
@@ -216,6 +217,10 @@ def test_manifest_matches_files(run) -> None:
             assert len(tokens) == s["tokens"] == offsets[-1]
             assert np.all(tokens[offsets[1:] - 1] == 2), "every document ends with </s>"
             assert np.all(np.diff(offsets) >= 2)
+            # The same file through Hugging Face datasets: same documents, same ids.
+            ds = datasets.Dataset.from_file(str(path))
+            assert ds.num_rows == table.num_rows and ds["id"] == table.column("id").to_pylist()
+            assert ds["input_ids"] == table.column("input_ids").to_pylist()
         assert manifest["totals"][split]["tokens"] == sum(s["tokens"] for s in shards)
     res = run["shards"]
     assert res.train_docs + res.val_docs == run["clean"].kept
@@ -254,3 +259,95 @@ def test_shards_skip_then_force_identical(run) -> None:
     assert write_shards(cfg, paths).skipped
     assert not write_shards(cfg, paths, force=True).skipped
     assert _tree_hashes(paths.shards) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Named sources sharing one tokenizer (tokenizer.from_run)
+
+
+def _docstring_corpus(path: Path) -> int:
+    """A corpus unlike the prose of run ``t``: standard-library docstrings (English with code)."""
+    import importlib
+
+    docs = []
+    for name in ["argparse", "json", "logging", "pathlib", "shutil", "textwrap", "zipfile", "csv", "heapq"]:
+        mod = importlib.import_module(name)
+        docs += [d for d in [mod.__doc__] + [getattr(v, "__doc__", None) for v in vars(mod).values()] if isinstance(d, str)]
+    docs = [d for d in dict.fromkeys(docs) if len(d.split()) >= 20]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"id": f"code{i}", "text": d}) + "\n" for i, d in enumerate(docs)))
+    return len(docs)
+
+
+def _source_cfg(run, raw: Path, name: str, **tokenizer) -> PipelineConfig:
+    base = run["cfg"].model_dump(mode="json")
+    base["data"].update(inputs=[str(raw)], max_symbol_to_word_ratio=1.0, min_alpha_word_fraction=0.0)
+    base["tokenizer"].update(tokenizer)
+    base["runtime"]["run_name"] = name
+    return build_config(base)
+
+
+def test_named_source_shards_with_the_tokenizer_of_another_run(run, tmp_path) -> None:
+    import sentencepiece as spm
+
+    from pretrain.data import DataIntegrityError, build_mixture
+
+    raw = tmp_path / "raw" / "code.jsonl"
+    assert _docstring_corpus(raw) > 20
+    cfg = _source_cfg(run, raw, "code", from_run="t", vocab_size=999)  # training fields are ignored
+    paths = RunPaths(cfg.run_dir())
+    clean_corpus(cfg, paths)
+    tok = train_tokenizer(cfg, paths)
+    shards = write_shards(cfg, paths)
+
+    # The copy is run t's model, verified and recorded; the shards were encoded with it.
+    assert (tok.from_run, tok.sha256, tok.vocab_size) == ("t", run["tok"].sha256, 400)
+    assert sha256_file(paths.tokenizer / "tokenizer.model") == run["tok"].sha256
+    meta = read_json(paths.tokenizer / "meta.json")
+    assert meta["from_run"]["run"] == "t" and meta["sha256"] == run["tok"].sha256
+    manifest = read_json(paths.shards / "manifest.json")
+    assert manifest["tokenizer_sha256"] == run["tok"].sha256 and manifest["config"]["from_run"] == "t"
+    assert shards.train_docs + shards.val_docs == _kept_table(paths).num_rows > 20
+    sp = spm.SentencePieceProcessor(model_file=str(run["tok"].model_path))
+    first = _shard_ids(paths, "train")[0]
+    text = next(r["text"] for r in _kept_table(paths).to_pylist() if r["id"] == first)
+    tokens, offsets = read_shard_tokens(paths.shards / "train-00000.arrow")
+    assert sp.decode(tokens[offsets[0] : offsets[1] - 1].tolist()) == text
+
+    # Its fingerprint follows the shared tokenizer, not this run's corpus or training fields.
+    assert train_tokenizer(cfg, paths).skipped
+    assert train_tokenizer(cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"vocab_size": 500})}), paths).skipped
+
+    # The training loader mixes the two sources; a source with its own tokenizer is refused.
+    mix = build_mixture({"t": run["paths"].shards, "code": paths.shards}, {"t": 1, "code": 1}, "train", 16, 2)
+    picks = {mix.source_at(k) for k in range(20)}
+    x, _ = mix.next_batch()
+    assert picks == {"t", "code"} and x.shape == (2, 16)
+    own = _source_cfg(run, raw, "own", from_run=None)
+    own_paths = RunPaths(own.run_dir())
+    import shutil
+
+    shutil.copytree(paths.clean, own_paths.clean)
+    train_tokenizer(own, own_paths)
+    write_shards(own, own_paths)
+    with pytest.raises(DataIntegrityError, match="different tokenizers"):
+        build_mixture({"t": run["paths"].shards, "own": own_paths.shards}, {"t": 1, "own": 1}, "train", 16, 2)
+
+
+def test_from_run_refuses_a_missing_self_or_tampered_source(run, tmp_path) -> None:
+    raw = tmp_path / "raw" / "code.jsonl"
+    _docstring_corpus(raw)
+    paths = RunPaths(_source_cfg(run, raw, "x").run_dir())
+    with pytest.raises(FileNotFoundError, match=r"no finished tokenizer.*tokenize.*'nope'"):
+        train_tokenizer(_source_cfg(run, raw, "x", from_run="nope"), paths)
+    with pytest.raises(ValueError, match="names this run itself"):
+        train_tokenizer(_source_cfg(run, raw, "x", from_run="x"), paths)
+    # A source whose model no longer matches its own records is refused, naming the file.
+    import shutil
+
+    runs_root = Path(run["cfg"].runtime.runs_root)
+    shutil.copytree(run["paths"].tokenizer, runs_root / "tampered" / "tokenizer")
+    model = runs_root / "tampered" / "tokenizer" / "tokenizer.model"
+    model.write_bytes(model.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=r"tampered/tokenizer/tokenizer\.model: sha256 .* does not match"):
+        train_tokenizer(_source_cfg(run, raw, "x", from_run="tampered"), paths)

@@ -130,3 +130,45 @@ def test_autotokenizer_ids_equal_sentencepiece_on_real_text(real_docs, pipeline_
     assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[:3]!r}"
     for t in held_out[:50]:
         assert tok.decode(sp.encode(t)) == sp.decode(sp.encode(t))
+
+
+SYMBOLS = ["<|endoftext|>", "<|end", "[MASK]"]  # "<|end" a prefix of another: the longest must win
+
+
+def test_literal_special_tokens_and_user_symbols_tokenize_as_in_sentencepiece(real_docs, tmp_path):
+    """SentencePiece spells out a literal `<s>` in text (only its own ids are control tokens) and
+    cuts user-defined symbols out of the normalized text; the saved export must do both."""
+    import random
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from data_prep.tokenizer import trainer_settings
+    from pretrain.export import build_hf_tokenizer
+
+    settings = trainer_settings(TokenizerConfig(vocab_size=2000, user_defined_symbols=SYMBOLS))
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(real_docs[:1000]), model_prefix=str(tmp_path / "sp"), num_threads=2, minloglevel=2,
+        **{k: v for k, v in settings.items() if v != []},
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    hf_tok = build_hf_tokenizer(tmp_path / "sp.model", bos="<s>", eos="</s>", unk="<unk>", pad="<pad>")
+    hf_tok.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["split_special_tokens"] is True
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.split_special_tokens
+
+    literals = ["<s>", "</s>", "<unk>", "<pad>", *SYMBOLS]
+    rng = random.Random(0)
+    lines = [line for doc in real_docs[1000:] for line in doc.splitlines() if line.strip()][:200]
+    texts = [
+        "a <s> b</s>c", "<unk> and <pad>", "<s>", " </s> ", "<<s>>", "<|endoftext|>x", "x<|endoftext|> [MASK]  y",
+        "  [MASK]  a<|end<|endoftext|>", "[MASK ] <|end of", *literals,
+    ]
+    for line in lines:  # a literal at a random place (start, middle, end) of each real line
+        at = rng.choice([0, len(line) // 2, len(line)])
+        texts.append(line[:at] + rng.choice(literals) + line[at:])
+    assert [sp.encode(s) for s in SYMBOLS] == [[sp.piece_to_id("\u2581"), sp.piece_to_id(s)] for s in SYMBOLS]
+    mismatches = [(t, sp.encode(t), tok(t).input_ids) for t in texts if tok(t).input_ids != sp.encode(t)]
+    assert not mismatches, f"{len(mismatches)} of {len(texts)} differ, e.g. {mismatches[:2]!r}"
+    assert all(tok.decode(sp.encode(t)) == sp.decode(sp.encode(t)) for t in texts)

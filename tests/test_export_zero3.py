@@ -243,6 +243,8 @@ def test_llama_export_matches_our_model_and_onnx(run):
     assert json.loads((hf_dir / "generation_config.json").read_text())["eos_token_id"] == 2
     card = (hf_dir / "README.md").read_text()
     assert "LlamaForCausalLM" in card and "ONNX" in card and "sha256" in card
+    # safetensors, JSON and ONNX only: nothing a loader would unpickle.
+    assert not [p for p in paths.export.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}]
 
     ours, _, _ = load_model(cfg, paths)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -359,6 +361,55 @@ def test_lm_eval_runs_local_tasks_on_checkpoint_and_export(run, task_dir, monkey
         logp = torch.log_softmax(lm.model(torch.tensor([ids[:-1]]))[0][0], -1)
     direct = float(logp.gather(-1, torch.tensor(ids[1:])[:, None]).sum())
     assert lm.loglikelihood_rolling([req])[0] == pytest.approx(direct, abs=1e-3)
+
+
+def test_evaluate_stage_runs_configured_lm_eval_tasks(run, task_dir, tmp_path, monkeypatch):
+    """eval.lm_eval_tasks: the stage scores them through the adapter, stores them in eval.json with
+    the hashes, logs them to W&B and the report shows them; a changed task list or task file reruns."""
+    import shutil
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from pretrain.evaluate import evaluate
+    from pretrain_pipeline.artifacts import read_json
+    from pretrain_pipeline.report import write_report
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base, paths = run
+    tasks = tmp_path / "tasks"  # a copy: this test edits a task file
+    shutil.copytree(task_dir, tasks)
+    for yaml_file in tasks.glob("*.yaml"):  # the data files of the copy, not the shared ones
+        yaml_file.write_text(yaml_file.read_text().replace(str(task_dir), str(tasks)))
+    names = ["tiny_choice", "tiny_rolling", "tiny_gen"]
+    cfg = base.model_copy(update={"eval": base.eval.model_copy(
+        update={"lm_eval_tasks": names, "lm_eval_include_path": str(tasks)})})
+    ev = evaluate(cfg, paths)
+    assert not ev.skipped and sorted(ev.lm_eval) == sorted(names)
+    # The same numbers as lm-eval's own run of the adapter over the checkpoint.
+    direct = lm_eval.simple_evaluate(model="pretrain-pipeline", model_args=f"run_dir={paths.root}", tasks=names,
+                                     task_manager=TaskManager(include_path=str(tasks)), log_samples=False)["results"]
+    assert ev.lm_eval["tiny_choice"]["acc"] == direct["tiny_choice"]["acc,none"]
+    bpb = direct["tiny_rolling"]["bits_per_byte,none"]
+    assert ev.lm_eval["tiny_rolling"]["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)
+    assert ev.lm_eval["tiny_gen"]["exact_match"] == direct["tiny_gen"]["exact_match,none"]
+    saved = read_json(paths.eval / "eval.json")
+    assert saved["result"]["lm_eval"] == ev.lm_eval and saved["config_sha256"] == cfg.fingerprint()
+    assert saved["checkpoint_sha256"] == ev.checkpoint_sha256
+    assert saved["lm_eval_task_files_sha256"]
+    (stream,) = max((paths.eval / "wandb").glob("offline-run-*"), key=lambda d: d.stat().st_mtime).glob("run-*.wandb")
+    assert b"lm_eval/tiny_choice/acc" in stream.read_bytes()
+    report = write_report(paths).read_text()
+    assert f"| tiny_rolling | bits_per_byte | {ev.lm_eval['tiny_rolling']['bits_per_byte']:.4g} |" in report
+
+    assert evaluate(cfg, paths).skipped
+    fewer = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"lm_eval_tasks": names[:2]})})
+    rerun = evaluate(fewer, paths)
+    assert not rerun.skipped and sorted(rerun.lm_eval) == sorted(names[:2])
+    assert evaluate(fewer, paths).skipped
+    (tasks / "choice.jsonl").write_text((tasks / "choice.jsonl").read_text().splitlines()[0] + "\n")
+    assert not evaluate(fewer, paths).skipped  # a task's data changed
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16"])

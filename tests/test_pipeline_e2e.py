@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -30,13 +31,30 @@ def _tiny_config(tmp_path: Path) -> Path:
 
 
 FAKE_WANDB_KEY = "local-0123456789abcdef0123456789abcdef01234567"
+# Planted secrets: W&B's key, a Hugging Face token and generic *_API_KEY / *_TOKEN variables.
+SECRETS = {
+    "WANDB_API_KEY": FAKE_WANDB_KEY,
+    "HF_TOKEN": "hf_FakeTokenForLeakTestsOnly0123456789abc",
+    "EXAMPLE_SERVICE_API_KEY": "sk-fake-api-key-9f8e7d6c5b4a39281706",
+    "EXAMPLE_SERVICE_TOKEN": "fake-bearer-token-a1b2c3d4e5f60718293a",
+}
+
+
+def _ray_sessions(tmp_path: Path) -> set[Path]:
+    """Ray's session folders this run may use: the state's ray/ or, when that path is too long for
+    unix sockets, Ray's default under the system temp dir (data_prep/ray_runtime.py)."""
+    roots = [tmp_path / "state" / "ray", Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"]
+    return {p for root in roots if root.is_dir() for p in root.glob("session_2*")}
+
+
+_SESSIONS_BEFORE: set[Path] = set()
 
 
 def _run_cli(args, tmp_path):
     env = {
         **os.environ,
-        # Planted secret: it must never reach any file the run writes (checked below).
-        "WANDB_API_KEY": FAKE_WANDB_KEY,
+        # Planted secrets: they must never reach any file the run writes (checked below).
+        **SECRETS,
         "PRETRAIN_PIPELINE_STATE": str(tmp_path / "state"),
         "PREFECT_HOME": str(tmp_path / "state" / "prefect"),
         "PRETRAIN_PIPELINE_QUIET": "1",
@@ -55,6 +73,7 @@ def _run_cli(args, tmp_path):
 def pipeline_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("e2e")
     config = _tiny_config(tmp_path)
+    _SESSIONS_BEFORE.update(_ray_sessions(tmp_path))
     first, _ = _run_cli(["run", "--config", str(config)], tmp_path)
     return tmp_path, config, first
 
@@ -110,11 +129,12 @@ def test_rerun_skips_every_stage(pipeline_run):
 
 def test_no_secret_in_any_run_file_or_prefect_database(pipeline_run):
     tmp_path, _, _ = pipeline_run
-    leaked = [
-        str(p) for p in tmp_path.rglob("*")
-        if p.is_file() and FAKE_WANDB_KEY.encode() in p.read_bytes()
-    ]
-    assert not leaked, f"WANDB_API_KEY written to: {leaked}"
+    sessions = sorted(_ray_sessions(tmp_path) - _SESSIONS_BEFORE)
+    assert sessions, "found no Ray session folder of this run to scan"
+    files = [p for root in (tmp_path, *sessions) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    leaked = [f"{name} in {p}" for p in files for name, value in SECRETS.items() if value.encode() in p.read_bytes()]
+    assert not leaked, f"secrets written to: {leaked}"
+    assert any(p.suffix in (".out", ".err", ".log") for s in sessions for p in s.rglob("*")), "no Ray logs scanned"
     # The scan must have covered the run's outputs and Prefect's database (artifacts, logs).
     assert (tmp_path / "runs" / "e2e" / "config.yaml").exists()
     assert list((tmp_path / "state" / "prefect").rglob("*.db"))

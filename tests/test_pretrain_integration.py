@@ -18,7 +18,7 @@ import torch
 
 from pretrain.distributed import SHM_DIR
 from pretrain.synthetic import make_synthetic_run
-from pretrain_pipeline.artifacts import RunPaths, read_json
+from pretrain_pipeline.artifacts import RunPaths, read_json, sha256_file
 from pretrain_pipeline.config import build_config, dump_config
 
 pytestmark = pytest.mark.integration
@@ -84,13 +84,20 @@ def test_training_leaves_no_shared_memory_behind(trained):
     assert not [line for line in lines if line.startswith("leaked shm segment")], lines
 
 
-def test_a_single_rank_run_leaves_no_shared_memory_behind(env, tmp_path_factory):
+def test_a_single_rank_zero3_run_runs_as_zero1_and_leaves_no_shared_memory_behind(env, tmp_path_factory):
     from pretrain.launch import train
 
     paths = new_run(tmp_path_factory, "one_rank")
     before = set(SHM_DIR.glob("deepspeed_allreduce_buffer_*"))
-    train(make_cfg(paths.root, nproc_per_node=1, zero_stage=1, max_steps=2, eval_every=2), paths, log=lambda _: None)
+    lines: list[str] = []
+    train(make_cfg(paths.root, nproc_per_node=1, zero_stage=3, max_steps=2, eval_every=2), paths, log=lines.append)
     assert not set(SHM_DIR.glob("deepspeed_allreduce_buffer_*")) - before
+    # Nothing to partition on one rank: the plan and the start line say so, and DeepSpeed wrote a
+    # ZeRO-1 checkpoint (one model-states file; ZeRO-3 writes zero_pp_rank_*_model_states.pt).
+    assert any("ZeRO 3 (runs as 1: one rank" in line for line in lines), lines
+    assert any("zero 3 (runs as 1: one rank" in line for line in lines), lines
+    tag = paths.checkpoints / "step_000002"
+    assert (tag / "mp_rank_00_model_states.pt").exists() and not list(tag.glob("zero_pp_rank_*_model_states.pt"))
 
 
 def test_training_reduces_loss_and_writes_artifacts(trained):
@@ -156,6 +163,15 @@ def test_export_loads_and_generates_like_our_model(trained):
     card = (hf_dir / "README.md").read_text()
     manifest = read_json(paths.shards / "manifest.json")
     assert manifest["tokenizer_sha256"] in card and "bits per byte" in card
+    # Lineage and recipe: the shard manifest's hash, the corpus counts per split, the training config.
+    assert f"shard manifest sha256: `{sha256_file(paths.shards / 'manifest.json')}`" in card
+    for split in ("train", "val"):
+        shards = manifest["splits"][split]
+        tokens, docs = sum(s["tokens"] for s in shards), sum(s["documents"] for s in shards)
+        assert f"- {split}: {tokens:,} tokens, {docs:,} documents in {len(shards)} shards" in card
+    assert json.dumps(cfg.train.model_dump(mode="json"), indent=2, sort_keys=True) in card
+    # safetensors and JSON only: nothing a loader would unpickle.
+    assert not [p for p in paths.export.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}]
 
     tok = AutoTokenizer.from_pretrained(hf_dir)
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
@@ -170,6 +186,25 @@ def test_export_loads_and_generates_like_our_model(trained):
     assert theirs[0].tolist() == mine[0].tolist()
     assert tok.decode(theirs[0]) == sp.decode(mine[0].tolist())
     assert export(cfg, paths).skipped
+
+
+def test_report_shows_both_loss_curves_and_the_eval_results(trained):
+    from pretrain.evaluate import evaluate
+    from pretrain_pipeline.report import _loss_series, write_report
+
+    cfg, paths, _, _ = trained
+    ev = evaluate(cfg, paths)
+    report = write_report(paths).read_text()
+    # The plot's inputs: both curves, the validation one at every eval_every steps (20 and 40).
+    series = _loss_series([json.loads(line) for line in paths.metrics.read_text().splitlines()])
+    assert [step for step, _ in series["validation loss"]] == [20, 40] and len(series["train loss"]) >= 8
+    assert (paths.plots / "loss.png").stat().st_size > 0
+    assert f"- validation loss: 2 points, last {series['validation loss'][-1][1]:.4g} at step 40" in report
+    evaluate_section = report.split("## 4. Evaluate")[1].split("## 5.")[0]
+    for key in ("loss", "perplexity", "bits_per_byte"):
+        assert f"| {key} | {getattr(ev, key):.4g} |" in evaluate_section
+    assert f"| config_sha256 | {cfg.fingerprint()} |" in evaluate_section
+    assert f"| checkpoint_sha256 | {ev.checkpoint_sha256} |" in evaluate_section
 
 
 def consolidated(paths: RunPaths) -> dict[str, torch.Tensor]:

@@ -137,16 +137,34 @@ def test_deepspeed_config():
 def test_deepspeed_config_reduction_knobs():
     # ZeRO-1 reduces whole gradients after backward (no per-parameter hook and bucket copies);
     # ZeRO-2/3 keep contiguous buckets for their partitioned gradients.
+    keep = {"keep_zero_stage_on_one_rank": True}
     for world in (1, 2):
         assert deepspeed_config(TrainConfig(zero_stage=1), world)["zero_optimization"]["contiguous_gradients"] is False
         for stage in (2, 3):
-            assert deepspeed_config(TrainConfig(zero_stage=stage), world)["zero_optimization"]["contiguous_gradients"] is True
+            assert deepspeed_config(TrainConfig(zero_stage=stage, **keep), world)["zero_optimization"]["contiguous_gradients"] is True
     # One rank: "sum" skips the division by 1.0 (same gradients); more ranks average; ZeRO-3 refuses "sum".
     assert deepspeed_config(TrainConfig(zero_stage=1), 1)["gradient_allreduce_op"] == "sum"
-    assert deepspeed_config(TrainConfig(zero_stage=2), 1)["gradient_allreduce_op"] == "sum"
+    assert deepspeed_config(TrainConfig(zero_stage=2, **keep), 1)["gradient_allreduce_op"] == "sum"
     assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=1), 2)
-    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=3), 1)
+    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=3, **keep), 1)
     assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=0), 1)
+
+
+def test_zero2_and_zero3_run_as_zero1_on_one_rank_unless_offloading_or_kept():
+    from pretrain.engine import effective_zero_stage, zero_stage_note
+
+    def stage(world, **train):
+        return deepspeed_config(TrainConfig(**train), world)["zero_optimization"]["stage"]
+
+    for configured in (2, 3):
+        assert stage(1, zero_stage=configured) == 1 == effective_zero_stage(TrainConfig(zero_stage=configured), 1)
+        assert stage(2, zero_stage=configured) == configured
+        assert stage(1, zero_stage=configured, keep_zero_stage_on_one_rank=True) == configured
+        assert stage(1, zero_stage=configured, offload_optimizer=True) == configured
+        assert zero_stage_note(TrainConfig(zero_stage=configured), 1).startswith(f"{configured} (runs as 1")
+    assert stage(1, zero_stage=3, offload_param=True) == 3
+    assert (stage(1, zero_stage=0), stage(1, zero_stage=1)) == (0, 1)
+    assert zero_stage_note(TrainConfig(zero_stage=3), 2) == "3"
 
 
 # ---------------------------------------------------------------- data
@@ -323,7 +341,7 @@ def test_deepspeed_config_zero3_host_work():
     from pretrain.model import Block
 
     for world in (1, 2):
-        zero = deepspeed_config(TrainConfig(zero_stage=3), world)["zero_optimization"]
+        zero = deepspeed_config(TrainConfig(zero_stage=3, keep_zero_stage_on_one_rank=True), world)["zero_optimization"]
         assert zero["leaf_module"]["classes"] == [f"{Block.__module__}.{Block.__qualname__}"]
         assert zero.get("reduce_scatter", True) is (world > 1)
         for stage in (0, 1, 2):

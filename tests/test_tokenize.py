@@ -1,4 +1,5 @@
-"""Tokenizer training without Ray: Llama-like settings, round-trips, determinism, long lines."""
+"""Tokenizer training and shard encoding without Ray: Llama-like settings, round-trips,
+determinism, long lines, user-defined symbols, the uint32 token path."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ import json
 
 import pytest
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from data_prep.shards import ShardWriter, encode_row_groups, read_shard_tokens, shard_schema, token_type
 from data_prep.tokenizer import _train, sample_lines, split_long_line, trainer_settings
 from pretrain_pipeline.artifacts import sha256_file
 from pretrain_pipeline.config import TokenizerConfig
@@ -88,3 +95,71 @@ def test_sample_is_seeded_and_bounded():
     assert len(a) == 300 and a == sample_lines(iter(docs), 300, 512, seed=1)
     assert a != sample_lines(iter(docs), 300, 512, seed=2)
     json.dumps(a)
+
+
+def test_user_defined_symbols_are_single_ids_after_the_specials(trained):
+    import sentencepiece as spm
+
+    out, tok = trained
+    # A comma and a quote inside a symbol: passed as a list, SentencePiece's wrapper quotes them (CSV).
+    symbols = ["<|im_start|>", "<|im_end|>", "<sep,1>", '<q"x>']
+    with_symbols = tok.model_copy(update={"user_defined_symbols": symbols})
+    _train(out / "sample.txt", out / "sym", with_symbols, num_threads=1)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "sym.model"))
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    assert sp.get_piece_size() == tok.vocab_size
+    for k, sym in enumerate(symbols):
+        assert sp.piece_to_id(sym) == 4 + k and sp.id_to_piece(4 + k) == sym
+        text = f"before{sym}after and {sym} 42"
+        ids = sp.encode(text)
+        assert ids.count(4 + k) == 2  # matched whole, wherever it stands
+        assert sp.decode(ids) == text
+
+
+@pytest.mark.parametrize("symbols", [["a b"], [""], ["<x>", "<x>"], ["</s>"], ["tab\there"]])
+def test_unusable_user_defined_symbols_are_refused(symbols):
+    with pytest.raises(ValidationError, match="user_defined_symbols"):
+        TokenizerConfig(user_defined_symbols=symbols)
+
+
+@pytest.mark.parametrize("name", ["../web", "a/b", "/abs", "..", "x/../y", ".hidden"])
+def test_from_run_must_be_a_plain_run_name(name):
+    with pytest.raises(ValidationError, match="from_run"):
+        TokenizerConfig(from_run=name)
+    assert TokenizerConfig(from_run="web-2024.v1").from_run == "web-2024.v1"
+
+
+def test_token_type_switches_to_uint32_above_65535():
+    assert token_type(65535) == pa.uint16() and token_type(65536) == pa.uint32()
+    assert shard_schema(65535).field("input_ids").type == pa.list_(pa.uint16())
+    assert shard_schema(65536).field("input_ids").type == pa.list_(pa.uint32())
+
+
+def test_uint32_shard_is_written_and_read_back(trained, tmp_path):
+    """The shard stage's own encode and write functions with a vocabulary over 65535.
+
+    The model is the small trained one; only the vocab size the shard stage is told is large, which
+    is all that picks the dtype (a real 65536-piece model would need a far bigger corpus).
+    """
+    import datasets
+    import sentencepiece as spm
+
+    out, _ = trained
+    model = out / "a.model"
+    texts = TEXTS + _corpus()[:20]
+    part = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), part, row_group_size=10)
+    item = json.dumps([[str(part), list(range(pq.ParquetFile(part).num_row_groups))]])
+    table = encode_row_groups({"row_groups": np.array([item])}, str(model), sha256_file(model), 70_000, 1)
+    assert table.schema == shard_schema(70_000)
+    writer = ShardWriter(tmp_path, "train", shard_schema(70_000), target_bytes=1 << 30)
+    writer.add(table)
+    writer.flush()
+    (entry,) = writer.shards
+    tokens, offsets = read_shard_tokens(tmp_path / entry["file"])
+    assert tokens.dtype == np.uint32 and len(tokens) == entry["tokens"] == offsets[-1]
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    for i, text in enumerate(texts):
+        assert tokens[offsets[i] : offsets[i + 1]].tolist() == sp.encode(text) + [sp.eos_id()]
+    ds = datasets.Dataset.from_file(str(tmp_path / entry["file"]))
+    assert ds.features["input_ids"].feature.dtype == "uint32" and ds[1]["input_ids"] == sp.encode(texts[1]) + [2]

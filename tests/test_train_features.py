@@ -3,14 +3,15 @@
 Unit tests: the WSD schedule, model presets (parameter counts of published models from a
 meta-device build), activation checkpointing through the model, config refusals. Integration
 tests launch real DeepSpeed ranks on CPU (gloo) over tiny synthetic shards: activation
-checkpointing under ZeRO-3 and torch.compile against an eager run, a 3:1 data mixture across a
-resume, and a run that diverges (stop) or meets injected NaN losses (skip).
+checkpointing under ZeRO-3 and torch.compile against an eager run, a 3:1 data mixture of two
+sources tokenized by the real stages with one shared tokenizer across a resume, and a run that
+diverges (stop) or meets injected NaN losses (skip).
 """
 
 from __future__ import annotations
 
+import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ import torch
 
 from pretrain.engine import lr_at
 from pretrain.model import GPT
-from pretrain.synthetic import make_synthetic_run, synthetic_documents, write_shard
+from pretrain.synthetic import make_synthetic_run, synthetic_documents
 from pretrain.tracking import losses_by_step, metrics_by_step
-from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, read_json, sha256_file
+from pretrain_pipeline.artifacts import RunPaths, read_json, sha256_file
 from pretrain_pipeline.config import ConfigError, ModelConfig, TrainConfig, build_config
 
 # ----------------------------------------------------------------------------- unit
@@ -161,7 +162,7 @@ def zero3_runs(tmp_path_factory):
         for name, extra in {"eager": {}, "ckpt": {"activation_checkpointing": True}, "compiled": {"compile": True, "zero_stage": 1}}.items():
             paths = new_run(root, name)
             lines: list[str] = []
-            train(make_cfg(paths, **{"zero_stage": 3, **extra}), paths, log=lines.append)
+            train(make_cfg(paths, **{"zero_stage": 3, "keep_zero_stage_on_one_rank": True, **extra}), paths, log=lines.append)
             out[name] = (paths, lines)
     finally:
         if old is None:
@@ -202,34 +203,38 @@ def test_compiled_run_trains_like_eager(zero3_runs):
 # ----------------------------------------------------------------------------- data mixture
 
 
-def make_source_with_tokenizer(root: Path, tokenizer_run: Path, seed: int, n_docs: int = 400) -> None:
-    """A second tokenized run encoded with another run's tokenizer (as the pipeline's shared-tokenizer mode)."""
-    import sentencepiece as spm
+def tokenized_source(tmp_path: Path, name: str, seed: int, n_docs: int, **tokenizer) -> RunPaths:
+    """A named source through the real clean and tokenize stages (what the CLI runs) on its own corpus."""
+    from pretrain_pipeline import stages
 
-    shutil.copytree(tokenizer_run / "tokenizer", root / "tokenizer")
-    tok = root / "tokenizer" / "tokenizer.model"
-    sp = spm.SentencePieceProcessor(model_file=str(tok))
-    shards = root / "shards"
-    shards.mkdir(parents=True)
-    manifest = read_json(tokenizer_run / "shards" / "manifest.json")
+    raw = tmp_path / "raw" / f"{name}.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
     docs = synthetic_documents(n_docs, seed)
-    splits = {}
-    for split, texts in (("train", docs[: n_docs - 40]), ("val", docs[n_docs - 40 :])):
-        ids = [sp.encode(t) + [sp.eos_id()] for t in texts]
-        name = f"{split}-00000.arrow"
-        write_shard(shards / name, ids, [len(t.encode()) for t in texts], "uint16")
-        splits[split] = [{"file": name, "tokens": int(sum(map(len, ids))), "documents": len(ids),
-                          "bytes": (shards / name).stat().st_size, "sha256": sha256_file(shards / name)}]
-    atomic_write_json(shards / "manifest.json", {**manifest, "splits": splits, "tokenizer_sha256": sha256_file(tok)})
+    raw.write_text("".join(json.dumps({"id": f"{name}-{i}", "text": t}) + "\n" for i, t in enumerate(docs)))
+    cfg = build_config(
+        {
+            # The grammar's short, similar sentences are what near-dup and quality rules drop.
+            "data": {"inputs": [str(raw)], "language_filter": False, "gopher_repetition": False,
+                     "min_stop_words": 0, "fineweb_filter": False, "minhash_dedup": False},
+            "tokenizer": {"vocab_size": 320, "val_fraction": 0.1, **tokenizer},
+            "runtime": {"run_name": name, "runs_root": str(tmp_path / "runs"), "num_cpus": 2},
+        }
+    )
+    stages.clean(cfg, log=lambda _: None)
+    stages.tokenize(cfg, log=lambda _: None)
+    return RunPaths(cfg.run_dir())
 
 
 @pytest.mark.integration
-def test_data_mixture_3_to_1_trains_logs_shares_and_survives_resume(state_dir, tmp_path):
+def test_data_mixture_3_to_1_trains_logs_shares_and_survives_resume(ray_cluster, state_dir, tmp_path):
     from pretrain.data import build_train_loader
     from pretrain.launch import train
 
-    web = new_run(tmp_path, "web")
-    make_source_with_tokenizer(tmp_path / "runs" / "books", web.root, seed=5)
+    # Two corpora, one tokenizer: web trains it, books reuses it (tokenizer.from_run).
+    web = tokenized_source(tmp_path, "web", seed=0, n_docs=680)
+    books = tokenized_source(tmp_path, "books", seed=5, n_docs=400, from_run="web")
+    assert read_json(books.tokenizer / "meta.json")["from_run"]["run"] == "web"
+    assert sha256_file(books.tokenizer / "tokenizer.model") == sha256_file(web.tokenizer / "tokenizer.model")
     mix = {"web": 3, "books": 1}
     common = dict(data_mixture=mix, grad_accum_steps=2, checkpoint_every=5)
     first = train(make_cfg(web, max_steps=10, **common), web, log=lambda _: None)
@@ -346,4 +351,47 @@ def test_skip_stops_once_over_the_cap(state_dir, tmp_path, monkeypatch):
             "micro-batches > train.max_skipped_batches=2); latest checkpoint step_000002 is the last good state") in log
     assert latest_tag(paths.checkpoints) == "step_000002" and load_client_state(paths.checkpoints)["step"] == 2
     # The NaN never reached backward: the saved weights are all finite.
+    assert all(torch.isfinite(t).all() for t in load_consolidated_state_dict(paths.checkpoints).values())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_nan_gradients_with_a_finite_loss_stop_without_saving(state_dir, tmp_path, monkeypatch, zero_stage):
+    """A finite loss whose gradients are NaN: without ZeRO our own check drops them before the
+    torch optimizer steps; under ZeRO DeepSpeed skips the update itself. Either way the run stops
+    (train.nonfinite_loss: stop) and the last good checkpoint is the latest, with finite weights."""
+    from pretrain.checkpoint import latest_tag, load_client_state, load_consolidated_state_dict
+    from pretrain.launch import TrainingFailed, train
+    from pretrain.train import FAULT_NONFINITE_GRAD_ENV
+
+    paths = new_run(tmp_path, f"nangrad{zero_stage}")
+    monkeypatch.setenv(FAULT_NONFINITE_GRAD_ENV, "2")  # step 3's only micro-batch
+    cfg = make_cfg(paths, zero_stage=zero_stage, max_steps=5, checkpoint_every=1, keep_last_checkpoints=5)
+    with pytest.raises(TrainingFailed, match="exitcode  : 4"):
+        train(cfg, paths, log=lambda _: None)
+    log = (paths.train / "launcher.log").read_text()
+    assert ("non-finite gradients at step 3 (finite loss, lr 0.003); the update was not applied; stopped "
+            "without saving (train.nonfinite_loss=stop); latest checkpoint step_000002 is the last good state") in log
+    assert latest_tag(paths.checkpoints) == "step_000002" and load_client_state(paths.checkpoints)["step"] == 2
+    assert all(torch.isfinite(t).all() for t in load_consolidated_state_dict(paths.checkpoints).values())
+    assert sorted(losses_by_step(paths.metrics)) == [1, 2]
+
+
+@pytest.mark.integration
+def test_nan_gradients_with_a_finite_loss_are_skipped_and_the_weights_stay_finite(state_dir, tmp_path, monkeypatch):
+    from pretrain.checkpoint import load_client_state, load_consolidated_state_dict
+    from pretrain.launch import train
+    from pretrain.train import FAULT_NONFINITE_GRAD_ENV
+
+    paths = new_run(tmp_path, "nangradskip")
+    # Step 2's boundary (micro-batch 3 of 0..3, two per step) has NaN gradients: both of its
+    # micro-batches are skipped and step 2 is redone with the next two.
+    monkeypatch.setenv(FAULT_NONFINITE_GRAD_ENV, "3")
+    cfg = make_cfg(paths, grad_accum_steps=2, max_steps=4, nonfinite_loss="skip", max_skipped_batches=2)
+    lines: list[str] = []
+    result = train(cfg, paths, log=lines.append)
+    assert result.steps == 4 and math.isfinite(result.final_loss)
+    assert [metrics_by_step(paths.metrics)[s]["train/skipped_batches"] for s in range(1, 5)] == [0, 2, 2, 2]
+    assert sum("non-finite gradients, update not applied" in x for x in lines) == 1
+    assert load_client_state(paths.checkpoints)["skipped_batches"] == 2
     assert all(torch.isfinite(t).all() for t in load_consolidated_state_dict(paths.checkpoints).values())

@@ -219,6 +219,25 @@ def test_checkpoint_files_with_pickled_code_are_refused_not_run(run, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("planted", ["*rank_0_*optim_states.pt", "*mp_rank_00_model_states.pt"])
+def test_evaluate_and_export_prescan_refuses_pickled_code_before_zero_to_fp32(run, tmp_path, planted):
+    """evaluate and export consolidate weights through ``load_consolidated_state_dict``, whose
+    ``zero_to_fp32`` unpickles with weights_only=False: the pre-scan must refuse a file carrying
+    code by name before that load runs any of it."""
+    from pretrain.checkpoint import load_consolidated_state_dict
+
+    _, paths, _ = run
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(paths.checkpoints / TAGS[0], copy / TAGS[0])
+    assert load_consolidated_state_dict(copy, TAGS[0])  # the control: the untouched copy loads
+    target = next((copy / TAGS[0]).glob(planted))
+    marker = tmp_path / "ran"
+    torch.save({"optimizer_state_dict": RunsCode(marker), "module": RunsCode(marker)}, target)
+    with pytest.raises(CheckpointError, match=f"refusing to load {target}: it pickles .*posix.system"):
+        load_consolidated_state_dict(copy, TAGS[0])
+    assert not marker.exists()
+
+
 def test_resume_skips_a_truncated_tag_and_reproduces_the_losses(run):
     """Truncate the newest tag's optimizer shard; the rerun says so, resumes from the tag before it
     and reproduces the original losses bitwise (CPU fp32)."""

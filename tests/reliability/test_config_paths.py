@@ -1,8 +1,9 @@
 """Paths taken from a config can never make a stage write outside the run directory.
 
 Audit of every config field that becomes a path: ``runtime.run_name`` (the run directory's name,
-validated below) and ``train.data_mixture`` names (read as ``<runs_root>/<name>/shards``) are
-plain names; ``runtime.runs_root`` *is* the chosen root; ``data.inputs`` and ``train.hostfile`` are
+validated below), ``train.data_mixture`` names (read as ``<runs_root>/<name>/shards``) and
+``tokenizer.from_run`` (read as ``<runs_root>/<name>/tokenizer``) are plain names;
+``runtime.runs_root`` *is* the chosen root; ``data.inputs`` and ``train.hostfile`` are
 only read. Every path a stage writes is a fixed name under ``RunPaths(root)``.
 """
 
@@ -29,6 +30,18 @@ def test_run_name_must_be_a_plain_name(name):
 def test_data_mixture_names_must_be_plain_names(name):
     with pytest.raises(ConfigError, match="data_mixture"):
         build_config({**BASE, "train": {"data_mixture": {name: 1.0, "web": 1.0}}})
+
+
+@pytest.mark.parametrize("name", [n for n in ESCAPES if n])
+def test_tokenizer_from_run_must_be_a_plain_name(name):
+    with pytest.raises(ConfigError, match="tokenizer.from_run"):
+        build_config({**BASE, "tokenizer": {"from_run": name}})
+
+
+def test_plain_names_are_accepted():
+    cfg = build_config({**BASE, "tokenizer": {"from_run": "web-2024.v1"}, "train": {"data_mixture": {"web_1": 1.0}}},
+                       ["runtime.run_name=books.v2"])
+    assert (cfg.tokenizer.from_run, list(cfg.train.data_mixture), cfg.runtime.run_name) == ("web-2024.v1", ["web_1"], "books.v2")
 
 
 def test_every_stage_output_is_inside_the_run_directory(tmp_path):
