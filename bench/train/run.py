@@ -229,7 +229,7 @@ def main() -> None:
     timed = [z for z in stages if not z.endswith("keep")]
     if 1 in ranks and timed:
         worst = min(best[(stage_case(z), 1)] / best[("plain", 1)] for z in timed)
-        print(f"target at 1 rank: >= 0.95x the plain loop: {'met' if worst >= 0.95 else 'NOT met'} ({worst:.2f}x, "
+        print(f"target at 1 rank: >= 0.95x the plain loop: {'met' if worst >= 0.95 else 'NOT met'} ({worst:.3f}x, "
               f"worst of {', '.join(stage_case(z) for z in timed)} as launched; 'kept' rows are for reference)")
 
     if not args.no_memory:
