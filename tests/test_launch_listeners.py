@@ -50,11 +50,14 @@ def test_one_node_commands_bind_loopback(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_two_rank_run_listens_on_loopback_only(tmp_path, monkeypatch):
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_two_rank_run_listens_on_loopback_only(launcher, tmp_path, monkeypatch):
+    """torchrun: the store is the launcher's (loopback_torchrun). The DeepSpeed launcher leaves it to
+    rank 0, which binds it to the loopback MASTER_ADDR (pretrain.distributed.loopback_store)."""
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
     paths = RunPaths(tmp_path / "runs" / "lo")
     make_synthetic_run(paths.root)
-    cfg = make_cfg(paths.root, max_steps=100_000, checkpoint_every=100_000)
+    cfg = make_cfg(paths.root, max_steps=100_000, checkpoint_every=100_000, launcher=launcher)
     paths.config.write_text(dump_config(cfg))
     proc = subprocess.Popen(
         build_command(cfg, paths), env=build_env(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -74,9 +77,11 @@ def test_two_rank_run_listens_on_loopback_only(tmp_path, monkeypatch):
         terminate(proc, grace=30)
     ranks = [pid for pid in found if pid != proc.pid]
     assert len(ranks) >= 2, found
-    # The rendezvous store in the launcher, and each rank's gloo listener.
-    assert found[proc.pid], f"no rendezvous listener found in the launcher: {found}"
+    # The rendezvous store (torchrun: in the launcher; deepspeed: in rank 0) and each rank's gloo listener.
+    if launcher == "torchrun":
+        assert found[proc.pid], f"no rendezvous listener found in the launcher: {found}"
     assert sum(bool(found[pid]) for pid in ranks) >= 2, found
+    assert sum(len(socks) for socks in found.values()) >= 3, found
     exposed = {pid: socks for pid, socks in found.items()
                if any(not ipaddress.ip_address(ip).is_loopback for ip, _ in socks)}
     assert not exposed, f"listening beyond loopback: {exposed}"
