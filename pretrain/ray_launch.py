@@ -15,13 +15,16 @@ hold the data loader position and every RNG state, which is what makes the resum
 The run directory must be on storage every node sees (as for multi-node torchrun). Ray Train
 runs the function in a worker thread, so the ranks' SIGTERM handler (save, then exit) is not
 installed there: a preempted worker is handled like a lost one, from the last periodic checkpoint.
-Worker output goes to Ray's logs (and the driver's terminal), not to train/launcher.log.
+Worker output goes to Ray's logs (and the driver's terminal), not to train/launcher.log; the driver
+follows rank 0's ``metrics.jsonl`` and passes its step and validation lines to ``log`` (the Prefect
+task log), as the torchrun launcher passes the ranks' output.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -146,14 +149,56 @@ def train_on_ray(cfg: PipelineConfig, paths: RunPaths, log: Callable[[str], Any]
         )
         log(f"train: Ray Train TorchTrainer, {workers} workers on {device}, max_failures {tc.ray_max_failures}")
         before = len(read_attempts(paths))
+        stop = threading.Event()
+        follower = threading.Thread(target=follow_metrics, args=(paths.metrics, log, stop), daemon=True)
+        follower.start()
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as err:
             raise TrainingFailed(f"Ray Train run failed: {err}") from err
+        finally:
+            stop.set()
+            follower.join()
     attempts = read_attempts(paths)[before:]
     if len(attempts) > 1:
         log(f"train: Ray Train restarted the worker group {len(attempts) - 1} time(s); "
             f"last resumed from {attempts[-1]['resume_from']}")
+
+
+def metrics_line(record: dict[str, Any]) -> str | None:
+    """The log line of one metrics.jsonl record, worded as a torchrun rank 0 prints it."""
+    if "train/loss" in record:
+        return f"[pretrain] step {record['step']} loss {record['train/loss']:.4f} lr {record.get('train/lr', 0.0):.2e}"
+    if "val/loss" in record:
+        return f"[pretrain] step {record['step']} val_loss {record['val/loss']:.4f}"
+    return None
+
+
+def follow_metrics(path: Path, log: Callable[[str], Any], stop: threading.Event, poll_s: float = 1.0) -> None:
+    """Pass the lines rank 0 appends to ``path`` to ``log`` until ``stop`` is set (then once more).
+
+    Starts at the file's current end: an earlier run's lines were logged by that run. Only whole
+    lines are read; a partly written one waits for the next poll.
+    """
+    offset = path.stat().st_size if path.exists() else 0
+    pending = b""
+    while True:
+        stopping = stop.wait(poll_s)
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+            offset += len(chunk)
+            *whole, pending = (pending + chunk).split(b"\n")
+            for raw in whole:
+                try:
+                    line = metrics_line(json.loads(raw))
+                except ValueError:
+                    continue
+                if line:
+                    log(line)
+        if stopping:
+            return
 
 
 def read_attempts(paths: RunPaths) -> list[dict[str, Any]]:

@@ -89,6 +89,9 @@ def test_ray_train_two_workers_equal_torchrun(straight, tmp_path, monkeypatch):
     assert list(runs[0].glob("*.wandb")) and os.path.getsize(next(runs[0].glob("*.wandb"))) > 0
     steps = [json.loads(x)["step"] for x in paths.metrics.read_text().splitlines() if "train/loss" in x]
     assert steps == list(range(1, STEPS + 1))
+    # The driver's log (the Prefect task log) follows rank 0's steps, as with torchrun.
+    logged = [line for line in lines if line.startswith("[pretrain] step ") and " loss " in line]
+    assert [int(line.split()[2]) for line in logged] == steps, lines
 
 
 def _wait_until(cond, driver: subprocess.Popen, log: Path, what: str, limit: float = 480.0):
