@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -69,10 +71,16 @@ def test_sigkill_then_resume_auto_is_bitwise_equal(offline_env, tmp_path):
         build_command(cfg, killed), env=build_env(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
     )
+    # A random point after the first checkpoint (step 3 is complete before step 4 runs): a step from
+    # 4 to 6 and a moment after it (PRETRAIN_PIPELINE_FAULT_SEED, as the reliability suite), early
+    # enough that the ranks, which may run ahead of our pipe reader, cannot reach the end first.
+    rng = random.Random(int(os.environ.get("PRETRAIN_PIPELINE_FAULT_SEED", "0")))
+    kill_after, delay = rng.randint(4, 6), rng.uniform(0.0, 0.05)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "[pretrain] step 4 loss" in line:  # the step-3 checkpoint is complete before step 4 runs
+        if f"[pretrain] step {kill_after} loss" in line:
+            time.sleep(delay)
             break
     # torchrun starts each rank in its own session, so killing the launcher's group alone would
     # orphan the ranks: SIGKILL the whole tree at once, as a node loss would.
