@@ -1,6 +1,6 @@
 """The one place that starts, joins and tunes Ray.
 
-Everything else in ``data_prep`` just starts Ray tasks and Ray Data pipelines inside ``with ray_session(cfg):``.
+Everything else in ``data_prep`` just starts Ray tasks inside ``with ray_session(cfg):``.
 """
 
 from __future__ import annotations
@@ -39,35 +39,6 @@ def available_cpus() -> int:
     if ray.is_initialized():
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def configure_data_context() -> None:
-    """Deterministic row order everywhere (outputs are hashed), progress bars unless quiet."""
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    # Ray Data reserves half of the cluster's resources per operator by default, so the encode map
-    # in the shard stage (our one Ray Data pipeline: items -> one map -> the driver) started its
-    # second task about a second after its first, which cost 0.83x -> 1.06x of raw SentencePiece on
-    # the 32 MiB bench (2 CPUs). A single-map pipeline has no other operator to reserve for; output
-    # backpressure (object store) still bounds what the driver has not consumed.
-    ctx.op_resource_reservation_enabled = False
-    show = not is_quiet()
-    ctx.enable_progress_bars = show
-    ctx.enable_operator_progress_bars = show
-    # Ray Data prints an execution plan and per-operator stats at INFO; that is noise for a stage
-    # that reports its own counts.
-    ctx.verbose_stats_logs = False
-    # The sort-based pull shuffle (used by the exact-dedup groupby) needs no long-lived aggregator
-    # actors; the default hash shuffle parks actors that compete with map tasks for CPUs on small
-    # clusters (a laptop, CI's 2 cores) and was ~5x slower there. Revisit for MinHash at scale.
-    from ray.data.context import ShuffleStrategy
-
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    if hasattr(ctx, "print_on_execution_start"):
-        ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _temp_dir() -> str | None:
@@ -146,7 +117,6 @@ def ray_session(runtime_cfg: RuntimeConfig | None = None) -> Iterator[None]:
         log.info("starting Ray (%s)", runtime_cfg.ray_address or "local")
         ray.init(**kwargs)
         started = True
-    configure_data_context()
     try:
         yield
     finally:

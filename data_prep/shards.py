@@ -1,4 +1,13 @@
-"""Shard stage: clean corpus -> token ids (Ray Data, one SentencePiece per worker) -> Arrow shards.
+"""Shard stage: clean corpus -> token ids (Ray tasks, one SentencePiece per worker) -> Arrow shards.
+
+Each task reads a run of row groups of the clean Parquet parts and encodes them; the driver takes
+the results in clean order (at most two tasks per CPU ahead of it) and writes the shards. Plain
+Ray tasks, not a Ray Data ``map_batches``: the work is already cut by the Parquet footers and the
+results must come back in order, so Ray Data added only its executor's start-up (its per-operator
+resource reservation started the second task about a second late) and background threads that,
+after a failed write, outlived ``ray.shutdown()`` and then ended the whole driver process (Ray's
+core worker exits any process that calls into it after shutdown). The clean stage's map is plain
+tasks for the same reasons. The tasks run wherever the Ray cluster has CPUs.
 
 Each document becomes its token ids followed by ``</s>`` (id 2). A document goes to ``val`` when
 ``sha256(f"{seed}:{id}")`` read as a fraction of 2**64 is below ``val_fraction``, so the split does
@@ -16,6 +25,8 @@ Output ``shards/``: train-00000.arrow …, val-00000.arrow …, manifest.json, _
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -25,14 +36,15 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from data_prep.ray_runtime import available_cpus, ray_session
+from data_prep.ray_runtime import available_cpus, is_quiet, ray_session
 from data_prep.tokenizer import EOS_ID, MODEL_FILE, clean_parts, clean_stage_fingerprint
 from pretrain_pipeline.artifacts import (
     RunPaths,
@@ -59,6 +71,9 @@ PROGRESS_DIR = ".done"  # per-shard completion records inside the work directory
 ENCODE_THREADS = 1
 MAX_TASK_BYTES = 64 << 20  # uncompressed Parquet bytes of text per encode task, at most
 TASKS_PER_CPU = 2  # each task takes 1/(TASKS_PER_CPU * cpus) of the text not yet assigned
+# A task whose worker process died (killed, OOM, node lost) is run again this many times before the
+# stage fails naming its row groups.
+TASK_RETRIES = 3
 
 
 @dataclass
@@ -100,7 +115,7 @@ def assign_splits(ids: list[str], seed: int, val_fraction: float) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Ray Data encoding
+# Encoding (Ray tasks)
 
 
 def token_type(vocab_size: int) -> pa.DataType:
@@ -127,16 +142,12 @@ def _processor(model_path: str, model_sha256: str) -> Any:
     return _PROCESSORS[key]
 
 
-def encode_row_groups(
-    batch: dict[str, np.ndarray], model_path: str, model_sha256: str, vocab_size: int, num_threads: int
-) -> pa.Table:
-    """Ray Data task: read one work item (consecutive row groups of the clean parts), encode it.
+def encode_row_groups(item: str, model_path: str, model_sha256: str, vocab_size: int, num_threads: int) -> pa.Table:
+    """Ray task: read one work item (consecutive row groups of the clean parts), encode it.
 
-    Plain tasks rather than an actor pool: Ray reuses its task workers, so a run does not wait for
-    actor processes to start (seconds each on a busy machine). Reading here, not in a separate read
-    operator, keeps read tasks from queueing for CPUs behind encode tasks.
+    Tasks rather than an actor pool: Ray reuses its task workers, so a run does not wait for actor
+    processes to start (seconds each on a busy machine), and each worker keeps its model.
     """
-    (item,) = batch["row_groups"]
     tables = [
         pq.ParquetFile(part).read_row_groups(groups, columns=["id", "text"])
         for part, groups in json.loads(str(item))
@@ -189,6 +200,45 @@ def work_items(parts: list[Path], cpus: int) -> list[str]:
 def _row_group_rows(part: Path) -> list[int]:
     meta = pq.ParquetFile(part).metadata
     return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+
+def in_order(submit: Callable[[str], Any], items: list[str], window: int) -> Iterator[pa.Table]:
+    """The results of ``submit(item)`` (Ray tasks) in item order, with at most ``window`` tasks
+    submitted and not yet consumed, so a slow writer bounds the encoded tables held in memory.
+
+    A task whose worker died is retried by Ray (``TASK_RETRIES``); one that still fails, or raises,
+    stops the stage with the row groups it held, and the tasks not yet consumed are cancelled.
+    """
+    import ray
+
+    pending: collections.deque = collections.deque()
+    rest = iter(items)
+    try:
+        for item in itertools.islice(rest, window):
+            pending.append((item, submit(item)))
+        while pending:
+            item, ref = pending.popleft()
+            try:
+                table = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                raise RuntimeError(f"shards: encoding {_describe(item)} failed: {err}") from err
+            nxt = next(rest, None)
+            if nxt is not None:
+                pending.append((nxt, submit(nxt)))
+            yield table
+    finally:
+        for _, ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def _describe(item: str) -> str:
+    return "; ".join(f"{part} row groups {groups[0]}-{groups[-1]}" for part, groups in json.loads(item))
+
+
+def _counted(tables: Iterator[pa.Table], bar) -> Iterator[pa.Table]:
+    for table in tables:
+        yield table
+        bar.update(1)
 
 
 def _per_row_group(blocks: Iterator[pa.Table], sizes: list[int]) -> Iterator[pa.Table]:
@@ -374,33 +424,26 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
     finished = _finished_shards(tmp, fp)
     with ray_session(cfg.runtime):
         writers = {s: ShardWriter(tmp, s, schema, target_bytes, finished) for s in SPLITS}
-        items = [{"row_groups": item} for item in work_items(parts, available_cpus())]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(
-            encode_row_groups,
-            fn_kwargs={
-                "model_path": str(model_path.resolve()),
-                "model_sha256": tok_sha,
-                "vocab_size": vocab_size,
-                "num_threads": ENCODE_THREADS,
-            },
-            batch_format="numpy",
-            batch_size=1,
-        )
+        encode = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(encode_row_groups)
+        model_args = (str(model_path.resolve()), tok_sha, vocab_size, ENCODE_THREADS)
+        items = work_items(parts, available_cpus())
         row = 0
         clean_ids = pa.array(ids, type=pa.string())
         is_val = np.array([s == "val" for s in splits], dtype=bool)
-        # preserve_order (set by ray_session) keeps clean order, so shards are deterministic. The
-        # writers see one row group at a time however Ray Data blocks the stream: a shard closes
-        # at the first row group that fills it, so its boundaries depend on the corpus alone.
-        blocks = ds.iter_batches(batch_format="pyarrow", batch_size=None)
-        for batch in _per_row_group(blocks, [n for part in parts for n in _row_group_rows(part)]):
-            n = batch.num_rows
-            if not batch.column("id").equals(pa.chunked_array([clean_ids.slice(row, n)])):
-                raise RuntimeError(f"shards: Ray Data returned documents out of clean order near row {row}")
-            for split, table in _split_table(batch, is_val[row : row + n]).items():
-                writers[split].add(table)
-            row += n
+        # The writers see one row group at a time, in clean order, however the tasks cut the
+        # corpus: a shard closes at the first row group that fills it, so its boundaries (and
+        # bytes) depend on the corpus alone.
+        encoded = in_order(lambda item: encode.remote(item, *model_args), items, window=2 * available_cpus())
+        # Closed here, error or not, while Ray is up: its tasks are cancelled now, not when garbage
+        # collection gets to it after ray.shutdown() (a Ray call then ends the whole process).
+        with contextlib.closing(encoded), tqdm(total=len(items), desc="tokenize", unit="task", disable=is_quiet()) as bar:
+            for batch in _per_row_group(_counted(encoded, bar), [n for part in parts for n in _row_group_rows(part)]):
+                n = batch.num_rows
+                if not batch.column("id").equals(pa.chunked_array([clean_ids.slice(row, n)])):
+                    raise RuntimeError(f"shards: encode tasks returned documents out of clean order near row {row}")
+                for split, table in _split_table(batch, is_val[row : row + n]).items():
+                    writers[split].add(table)
+                row += n
         if row != len(splits):
             raise RuntimeError(f"shards: encoded {row} documents but the clean corpus has {len(splits)}")
         for w in writers.values():

@@ -150,7 +150,7 @@ def test_uint32_shard_is_written_and_read_back(trained, tmp_path):
     part = tmp_path / "part-00000.parquet"
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), part, row_group_size=10)
     item = json.dumps([[str(part), list(range(pq.ParquetFile(part).num_row_groups))]])
-    table = encode_row_groups({"row_groups": np.array([item])}, str(model), sha256_file(model), 70_000, 1)
+    table = encode_row_groups(item, str(model), sha256_file(model), 70_000, 1)
     assert table.schema == shard_schema(70_000)
     writer = ShardWriter(tmp_path, "train", shard_schema(70_000), target_bytes=1 << 30)
     writer.add(table)

@@ -6,7 +6,7 @@ Corpus: stdlib docstrings replicated with small edits into clean-stage Parquet p
 tokenizer is trained on it with the real stage (``train_tokenizer``). Then, in the same run and
 with the same number of threads:
 
-* stage: ``data_prep.shards.write_shards`` (Ray Data reads Parquet row groups, encodes in tasks that each
+* stage: ``data_prep.shards.write_shards`` (Ray tasks read Parquet row groups and encode them, each task
   load SentencePiece once per worker process, appends EOS, splits train/val, writes Arrow shards + sha256 manifest).
   Ray is started and one stage run made before the clock, so both sides start warm: the raw side
   has imported SentencePiece and loaded the model, the stage's Ray workers have too. That warm-up

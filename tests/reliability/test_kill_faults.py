@@ -118,8 +118,8 @@ def test_ray_worker_killed_mid_task_is_retried(ray_cluster, tmp_path):
 
 
 def test_ray_worker_killed_while_encoding_shards_is_retried(ray_cluster, tmp_path):
-    """The tokenize stage's shard writing (Ray Data map_batches over encode tasks): a worker
-    killed mid-task is retried by Ray Data and the shards are byte-identical to an uninterrupted run."""
+    """The tokenize stage's shard writing (Ray encode tasks): a worker killed mid-task is retried
+    by Ray and the shards are byte-identical to an uninterrupted run."""
     from data_prep.sample_corpus import build_sample_corpus
     from data_prep.shards import write_shards
     from data_prep.tokenizer import train_tokenizer
