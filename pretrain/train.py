@@ -55,6 +55,20 @@ class _NaNGradient(torch.autograd.Function):
         return torch.full_like(grad, float("nan"))
 
 
+def nonfinite_failure(tc, skipped: int, paths: RunPaths, what: str) -> str | None:
+    """The message that stops the run after a non-finite loss or gradients, or None to skip on
+    (``train.nonfinite_loss: skip`` with ``skipped`` still within ``train.max_skipped_batches``)."""
+    if tc.nonfinite_loss == "skip" and skipped <= tc.max_skipped_batches:
+        return None
+    why = ("train.nonfinite_loss=stop" if tc.nonfinite_loss == "stop"
+           else f"{skipped} skipped micro-batches > train.max_skipped_batches={tc.max_skipped_batches}")
+    return (
+        f"{what}; stopped without saving ({why}); latest checkpoint "
+        f"{latest_tag(paths.checkpoints) or '(none)'} is the last good state. "
+        "Lower train.lr, raise train.warmup_steps or set train.grad_clip."
+    )
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -279,15 +293,11 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
             # all ranks must skip (or stop on) the same micro-batch.
             if any_rank(not bool(torch.isfinite(loss.detach())), device):
                 skipped += 1
-                if tc.nonfinite_loss == "stop" or skipped > tc.max_skipped_batches:
-                    why = ("train.nonfinite_loss=stop" if tc.nonfinite_loss == "stop"
-                           else f"{skipped} skipped micro-batches > train.max_skipped_batches={tc.max_skipped_batches}")
-                    failure = (
-                        f"non-finite loss at step {step + 1} (micro-batch {good + 1} of {tc.grad_accum_steps}, "
-                        f"lr {lr:.3g}); stopped without saving ({why}); latest checkpoint "
-                        f"{latest_tag(paths.checkpoints) or '(none)'} is the last good state. "
-                        "Lower train.lr, raise train.warmup_steps or set train.grad_clip."
-                    )
+                failure = nonfinite_failure(
+                    tc, skipped, paths,
+                    f"non-finite loss at step {step + 1} (micro-batch {good + 1} of {tc.grad_accum_steps}, lr {lr:.3g})",
+                )
+                if failure:
                     break
                 if rank == 0:
                     print(f"[pretrain] step {step + 1}: non-finite loss, micro-batch skipped "
@@ -305,16 +315,11 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
             # The update was not applied, so the weights are still the last good ones: skip the
             # step's micro-batches and redo it with the next ones, or stop, per train.nonfinite_loss.
             skipped += tc.grad_accum_steps
-            if tc.nonfinite_loss == "stop" or skipped > tc.max_skipped_batches:
-                why = ("train.nonfinite_loss=stop" if tc.nonfinite_loss == "stop"
-                       else f"{skipped} skipped micro-batches > train.max_skipped_batches={tc.max_skipped_batches}")
-                failure = (
-                    f"non-finite gradients at step {step + 1} (finite loss, lr {lr:.3g}); the update was not "
-                    f"applied; stopped without saving ({why}); latest checkpoint "
-                    f"{latest_tag(paths.checkpoints) or '(none)'} is the last good state. "
-                    "Lower train.lr, raise train.warmup_steps or set train.grad_clip."
-                )
-            elif rank == 0:
+            failure = nonfinite_failure(
+                tc, skipped, paths,
+                f"non-finite gradients at step {step + 1} (finite loss, lr {lr:.3g}); the update was not applied",
+            )
+            if not failure and rank == 0:
                 print(f"[pretrain] step {step + 1}: non-finite gradients, update not applied, its "
                       f"{tc.grad_accum_steps} micro-batch(es) skipped ({skipped}/{tc.max_skipped_batches})", flush=True)
             if not failure:
