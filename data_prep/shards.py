@@ -369,7 +369,8 @@ def _finished_shards(work: Path, fp: str) -> dict[str, dict[str, Any]]:
     ):
         shutil.rmtree(work)
     (work / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-    (work / FINGERPRINT_FILE).write_text(fp + "\n")
+    with naming_file(work / FINGERPRINT_FILE):
+        (work / FINGERPRINT_FILE).write_text(fp + "\n")
     records = {p.name[: -len(".json")]: read_json(p) for p in (work / PROGRESS_DIR).glob("*.arrow.json")}
     for stray in work.iterdir():
         if stray.is_file() and stray.name not in records and stray.name != FINGERPRINT_FILE:

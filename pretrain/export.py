@@ -366,7 +366,8 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
         if cfg.export.onnx:
             from pretrain.onnx_export import check_onnx, export_onnx
 
-            onnx_path = export_onnx(hf_model, tmp / "onnx" / "model.onnx", sample, opset=cfg.export.onnx_opset)
+            with naming_file(tmp / "onnx" / "model.onnx"):
+                onnx_path = export_onnx(hf_model, tmp / "onnx" / "model.onnx", sample, opset=cfg.export.onnx_opset)
             # A different shape from the traced one, so a graph frozen to the example fails here.
             check_sample = torch.randint(0, vocab_size, (3, min(11, cfg.model.block_size)), generator=torch.Generator().manual_seed(1))
             onnx_diff = check_onnx(onnx_path, hf_model, check_sample)
@@ -379,7 +380,9 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
             # (In place: the model is not used for anything else after this.)
             reference = f16_rounded_(model) if cfg.export.gguf_dtype == "f16" else model
             gguf_diff = check_gguf(gguf_tmp / "model.gguf", reference, sample, LOGITS_ATOL)
-        (tmp / "README.md").write_text(model_card(cfg, paths, model, tag, manifest, diff, onnx_diff, gguf_diff))
+        card = model_card(cfg, paths, model, tag, manifest, diff, onnx_diff, gguf_diff)
+        with naming_file(tmp / "README.md"):
+            (tmp / "README.md").write_text(card)
     if not cfg.export.gguf and gguf_dir.exists():  # an earlier export's file would look current
         shutil.rmtree(gguf_dir)
     result = ExportResult(
