@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from pretrain.engine import zero_stage_note
+from pretrain.engine import effective_zero_stage, zero_stage_note
 from pretrain_pipeline.config import PipelineConfig
 
 GiB = 1024**3
@@ -55,7 +55,7 @@ class Plan:
     eta_hours: float | None
     device_memory_gb: float
     fits: bool
-    zero_stage: str = ""  # as launched, e.g. "3 (runs as 1: one rank, nothing to partition)"
+    zero_stage: str = ""  # as launched, e.g. "3 (runs as 0: one rank, nothing to partition)"
 
     def lines(self) -> list[str]:
         eta = f"{self.eta_hours:.2f} h" if self.eta_hours is not None else "n/a (no peak FLOP/s known for this device)"
@@ -88,13 +88,15 @@ def make_plan(cfg: PipelineConfig, vocab_size: int, world_size: int | None = Non
     half = tc.precision in ("bf16", "fp16")
     # Adam moments (8 bytes) plus, under ZeRO (any precision), DeepSpeed's separate fp32 master
     # copy of the partition (4 bytes); ZeRO-0 in fp32 steps the weights themselves.
-    w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 12 if tc.zero_stage >= 1 else 8)
-    weights = n_total * w_bytes / (world if tc.zero_stage >= 3 else 1)
-    grads = n_total * g_bytes / (world if tc.zero_stage >= 2 else 1)
-    optim = n_total * o_bytes / (world if tc.zero_stage >= 1 else 1)
+    # The stage as launched: on one rank ZeRO runs as ZeRO-0 (fp32) or ZeRO-1 (effective_zero_stage).
+    stage = effective_zero_stage(tc, world)
+    w_bytes, g_bytes, o_bytes = (2, 2, 12) if half else (4, 4, 12 if stage >= 1 else 8)
+    weights = n_total * w_bytes / (world if stage >= 3 else 1)
+    grads = n_total * g_bytes / (world if stage >= 2 else 1)
+    optim = n_total * o_bytes / (world if stage >= 1 else 1)
     if tc.offload_optimizer:
         optim = 0.0
-    if tc.offload_param and tc.zero_stage == 3:
+    if tc.offload_param and stage == 3:
         weights = 0.0
     s, b, h, L = mc.block_size, tc.micro_batch_size, mc.n_embd, mc.n_layer
     act_unit = 1 if half else 2  # the 34sbh formula counts 16-bit activations

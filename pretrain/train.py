@@ -181,18 +181,30 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
     # Validation stays on this run's own held-out split, so val/loss is comparable across mixtures.
     val_data = ShardDataset(manifest, "val", cfg.model.block_size, tc.micro_batch_size, rank, world, tc.seed, verify=False)
 
-    from pretrain.engine import build_engine, zero_stage_note
+    from pretrain.engine import build_engine, effective_zero_stage, zero_stage_note
 
     engine = build_engine(model, tc, world)
     step, tokens_seen, wandb_id = 0, 0, None
     last_loss = float("nan")
     skipped = 0  # micro-batches dropped by train.nonfinite_loss: skip
 
+    zero_stage = effective_zero_stage(tc, world)
+
     def same_model(state: dict[str, Any]) -> None:  # checked before DeepSpeed reads the weights
         if state.get("model_fingerprint") != cfg.model.fingerprint():
             raise RuntimeError(
                 f"{paths.checkpoints} holds checkpoints of a different model config; "
                 "set train.resume: never (they are moved aside) or use another run name"
+            )
+        # DeepSpeed lays out optimizer state per stage, and ZeRO per rank: it cannot read another
+        # stage's files, nor re-partition ZeRO state for a new world size. Say so before it tries.
+        saved_stage, saved_world = state.get("zero_stage"), state.get("world_size", len(state.get("rng", [])))
+        if saved_stage is not None and (saved_stage != zero_stage or (zero_stage and saved_world != world)):
+            raise RuntimeError(
+                f"{paths.checkpoints} was written by {saved_world} rank(s) running ZeRO-{saved_stage}; this launch "
+                f"runs ZeRO-{zero_stage_note(tc, world)} on {world} rank(s), and DeepSpeed cannot read ZeRO "
+                "optimizer state across stages or world sizes. Resume with the same ranks and stage, or "
+                "set train.resume: never (the checkpoints are moved aside) to start over"
             )
 
     # The newest tag whose files match its completion record (rank 0 verifies, all ranks load);
@@ -261,6 +273,8 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
             "model_fingerprint": cfg.model.fingerprint(),
             "loss": last_loss,
             "skipped_batches": skipped,
+            "world_size": world,
+            "zero_stage": zero_stage,
         }
         save_checkpoint(engine, paths.checkpoints, tag, client, keep=tc.keep_last_checkpoints)
         last_saved = at_step

@@ -244,8 +244,9 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     keep_zero_stage_on_one_rank: bool = Field(
         False,
-        description="ZeRO-2/3 on one rank have nothing to partition, so such a run (without offload) "
-        "uses ZeRO-1 and skips their per-step partitioning work; true keeps the configured stage.",
+        description="ZeRO on one rank has nothing to partition, so such a run (without offload) uses "
+        "ZeRO-0 in fp32 and ZeRO-1 in bf16/fp16, skipping ZeRO's per-step copies and partitioning work; "
+        "true keeps the configured stage.",
     )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU.")
     offload_param: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")

@@ -84,7 +84,7 @@ def test_training_leaves_no_shared_memory_behind(trained):
     assert not [line for line in lines if line.startswith("leaked shm segment")], lines
 
 
-def test_a_single_rank_zero3_run_runs_as_zero1_and_leaves_no_shared_memory_behind(env, tmp_path_factory):
+def test_a_single_rank_zero3_run_runs_as_zero0_and_leaves_no_shared_memory_behind(env, tmp_path_factory):
     from pretrain.launch import train
 
     paths = new_run(tmp_path_factory, "one_rank")
@@ -92,12 +92,13 @@ def test_a_single_rank_zero3_run_runs_as_zero1_and_leaves_no_shared_memory_behin
     lines: list[str] = []
     train(make_cfg(paths.root, nproc_per_node=1, zero_stage=3, max_steps=2, eval_every=2), paths, log=lines.append)
     assert not set(SHM_DIR.glob("deepspeed_allreduce_buffer_*")) - before
-    # Nothing to partition on one rank: the plan and the start line say so, and DeepSpeed wrote a
-    # ZeRO-1 checkpoint (one model-states file; ZeRO-3 writes zero_pp_rank_*_model_states.pt).
-    assert any("ZeRO 3 (runs as 1: one rank" in line for line in lines), lines
-    assert any("zero 3 (runs as 1: one rank" in line for line in lines), lines
+    # Nothing to partition on one fp32 rank: the plan and the start line say so, and DeepSpeed wrote
+    # a ZeRO-0 checkpoint (one model-states file holding the optimizer too; ZeRO writes
+    # *_optim_states.pt, ZeRO-3 also zero_pp_rank_*_model_states.pt).
+    assert any("ZeRO 3 (runs as 0: one rank" in line for line in lines), lines
+    assert any("zero 3 (runs as 0: one rank" in line for line in lines), lines
     tag = paths.checkpoints / "step_000002"
-    assert (tag / "mp_rank_00_model_states.pt").exists() and not list(tag.glob("zero_pp_rank_*_model_states.pt"))
+    assert sorted(f.name for f in tag.glob("*_states.pt")) == ["mp_rank_00_model_states.pt"]
 
 
 def test_training_reduces_loss_and_writes_artifacts(trained):

@@ -139,32 +139,46 @@ def test_deepspeed_config_reduction_knobs():
     # ZeRO-2/3 keep contiguous buckets for their partitioned gradients.
     keep = {"keep_zero_stage_on_one_rank": True}
     for world in (1, 2):
-        assert deepspeed_config(TrainConfig(zero_stage=1), world)["zero_optimization"]["contiguous_gradients"] is False
+        assert deepspeed_config(TrainConfig(zero_stage=1, **keep), world)["zero_optimization"]["contiguous_gradients"] is False
         for stage in (2, 3):
             assert deepspeed_config(TrainConfig(zero_stage=stage, **keep), world)["zero_optimization"]["contiguous_gradients"] is True
     # One rank: "sum" skips the division by 1.0 (same gradients); more ranks average; ZeRO-3 refuses "sum".
-    assert deepspeed_config(TrainConfig(zero_stage=1), 1)["gradient_allreduce_op"] == "sum"
+    assert deepspeed_config(TrainConfig(zero_stage=1, **keep), 1)["gradient_allreduce_op"] == "sum"
+    assert deepspeed_config(TrainConfig(zero_stage=2, precision="bf16"), 1)["gradient_allreduce_op"] == "sum"
     assert deepspeed_config(TrainConfig(zero_stage=2, **keep), 1)["gradient_allreduce_op"] == "sum"
     assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=1), 2)
     assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=3, **keep), 1)
     assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=0), 1)
 
 
-def test_zero2_and_zero3_run_as_zero1_on_one_rank_unless_offloading_or_kept():
-    from pretrain.engine import effective_zero_stage, zero_stage_note
+def test_zero_on_one_rank_runs_as_zero0_in_fp32_and_zero1_in_bf16_unless_offloading_or_kept():
+    from pretrain.engine import clips_in_engine, effective_zero_stage, zero_stage_note
+
+    def ds(world, **train):
+        return deepspeed_config(TrainConfig(**train), world)
 
     def stage(world, **train):
-        return deepspeed_config(TrainConfig(**train), world)["zero_optimization"]["stage"]
+        return ds(world, **train)["zero_optimization"]["stage"]
 
-    for configured in (2, 3):
-        assert stage(1, zero_stage=configured) == 1 == effective_zero_stage(TrainConfig(zero_stage=configured), 1)
+    for configured in (1, 2, 3):
+        assert stage(1, zero_stage=configured) == 0 == effective_zero_stage(TrainConfig(zero_stage=configured), 1)
+        assert stage(1, zero_stage=configured, precision="bf16") == 1
         assert stage(2, zero_stage=configured) == configured
         assert stage(1, zero_stage=configured, keep_zero_stage_on_one_rank=True) == configured
         assert stage(1, zero_stage=configured, offload_optimizer=True) == configured
-        assert zero_stage_note(TrainConfig(zero_stage=configured), 1).startswith(f"{configured} (runs as 1")
+        assert zero_stage_note(TrainConfig(zero_stage=configured), 1).startswith(f"{configured} (runs as 0")
+    assert zero_stage_note(TrainConfig(zero_stage=3, precision="fp16"), 1).startswith("3 (runs as 1")
     assert stage(1, zero_stage=3, offload_param=True) == 3
-    assert (stage(1, zero_stage=0), stage(1, zero_stage=1)) == (0, 1)
+    assert stage(1, zero_stage=0) == 0 and zero_stage_note(TrainConfig(zero_stage=0), 1) == "0"
     assert zero_stage_note(TrainConfig(zero_stage=3), 2) == "3"
+    # ZeRO-0 in fp32 clips in our engine (torch's clip_grad_norm_, whose norm is also the metric),
+    # so DeepSpeed's own clip is off; every other case leaves clipping to DeepSpeed.
+    assert clips_in_engine(TrainConfig(zero_stage=1), 1) and ds(1, zero_stage=1, grad_clip=0.7)["gradient_clipping"] == 0
+    assert clips_in_engine(TrainConfig(zero_stage=0), 2) and ds(2, zero_stage=0, grad_clip=0.7)["gradient_clipping"] == 0
+    for world, train in ((2, {"zero_stage": 1}), (1, {"zero_stage": 1, "precision": "bf16"}),
+                         (1, {"zero_stage": 0, "precision": "bf16"}), (1, {"zero_stage": 3, "keep_zero_stage_on_one_rank": True})):
+        assert not clips_in_engine(TrainConfig(**train), world)
+        assert ds(world, grad_clip=0.7, **train)["gradient_clipping"] == 0.7
 
 
 # ---------------------------------------------------------------- data

@@ -109,6 +109,25 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads(variant, monkeyp
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.integration
+def test_resume_on_another_zero_stage_or_world_size_is_refused_by_name(state_dir, tmp_path):
+    """DeepSpeed cannot read one stage's optimizer files as another's, nor re-partition ZeRO state:
+    the launch says which ranks and stage wrote the checkpoint, before DeepSpeed loads anything."""
+    from pretrain.checkpoint import load_client_state
+    from pretrain.launch import TrainingFailed, train
+
+    paths = new_run(tmp_path, "restage")
+    train(make_cfg(paths, max_steps=2), paths, log=lambda _: None)  # one fp32 rank: ZeRO-1 runs as 0
+    assert {k: load_client_state(paths.checkpoints)[k] for k in ("world_size", "zero_stage")} == {"world_size": 1, "zero_stage": 0}
+    for changed, launched in (({"nproc_per_node": 2}, "ZeRO-1 on 2 rank(s)"),
+                              ({"keep_zero_stage_on_one_rank": True}, "ZeRO-1 on 1 rank(s)")):
+        with pytest.raises(TrainingFailed):
+            train(make_cfg(paths, max_steps=4, **changed), paths, log=lambda _: None)
+        log = (paths.train / "launcher.log").read_text()
+        assert f"was written by 1 rank(s) running ZeRO-0; this launch runs {launched}" in log
+    assert load_client_state(paths.checkpoints)["step"] == 2  # nothing was overwritten
+
+
 # ----------------------------------------------------------------------------- integration helpers
 
 
@@ -366,7 +385,9 @@ def test_nan_gradients_with_a_finite_loss_stop_without_saving(state_dir, tmp_pat
 
     paths = new_run(tmp_path, f"nangrad{zero_stage}")
     monkeypatch.setenv(FAULT_NONFINITE_GRAD_ENV, "2")  # step 3's only micro-batch
-    cfg = make_cfg(paths, zero_stage=zero_stage, max_steps=5, checkpoint_every=1, keep_last_checkpoints=5)
+    # On one rank fp32 ZeRO-1 runs as ZeRO-0 unless kept (pretrain.engine.effective_zero_stage).
+    cfg = make_cfg(paths, zero_stage=zero_stage, max_steps=5, checkpoint_every=1, keep_last_checkpoints=5,
+                   keep_zero_stage_on_one_rank=True)
     with pytest.raises(TrainingFailed, match="exitcode  : 4"):
         train(cfg, paths, log=lambda _: None)
     log = (paths.train / "launcher.log").read_text()
@@ -387,11 +408,14 @@ def test_nan_gradients_with_a_finite_loss_are_skipped_and_the_weights_stay_finit
     # Step 2's boundary (micro-batch 3 of 0..3, two per step) has NaN gradients: both of its
     # micro-batches are skipped and step 2 is redone with the next two.
     monkeypatch.setenv(FAULT_NONFINITE_GRAD_ENV, "3")
-    cfg = make_cfg(paths, grad_accum_steps=2, max_steps=4, nonfinite_loss="skip", max_skipped_batches=2)
+    # No clipping: the NaN check and train/grad_norm then come from the unclipped total norm.
+    cfg = make_cfg(paths, grad_accum_steps=2, max_steps=4, nonfinite_loss="skip", max_skipped_batches=2, grad_clip=0.0)
     lines: list[str] = []
     result = train(cfg, paths, log=lines.append)
     assert result.steps == 4 and math.isfinite(result.final_loss)
     assert [metrics_by_step(paths.metrics)[s]["train/skipped_batches"] for s in range(1, 5)] == [0, 2, 2, 2]
+    # ZeRO-0 (what ZeRO-1 runs as on one fp32 rank) clips in our engine, which also reports the norm.
+    assert all(0 < metrics_by_step(paths.metrics)[s]["train/grad_norm"] < math.inf for s in range(1, 5))
     assert sum("non-finite gradients, update not applied" in x for x in lines) == 1
     assert load_client_state(paths.checkpoints)["skipped_batches"] == 2
     assert all(torch.isfinite(t).all() for t in load_consolidated_state_dict(paths.checkpoints).values())

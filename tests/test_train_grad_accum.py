@@ -16,7 +16,7 @@ from pretrain_pipeline.config import build_config
 pytestmark = pytest.mark.integration
 
 
-def run(tmp_path: Path, name: str, micro: int, accum: int) -> dict[int, float]:
+def run(tmp_path: Path, name: str, micro: int, accum: int, keep_zero1: bool) -> dict[int, float]:
     paths = RunPaths(tmp_path / "runs" / name)
     make_synthetic_run(paths.root)
     cfg = build_config(
@@ -25,7 +25,8 @@ def run(tmp_path: Path, name: str, micro: int, accum: int) -> dict[int, float]:
             "tokenizer": {"vocab_size": 320},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
             "train": {
-                "zero_stage": 1, "nproc_per_node": 1, "micro_batch_size": micro, "grad_accum_steps": accum,
+                "zero_stage": 1, "keep_zero_stage_on_one_rank": keep_zero1,
+                "nproc_per_node": 1, "micro_batch_size": micro, "grad_accum_steps": accum,
                 "max_steps": 6, "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4, "log_every": 1,
                 "eval_every": 100, "eval_batches": 1, "checkpoint_every": 100, "device": "cpu",
             },
@@ -38,10 +39,13 @@ def run(tmp_path: Path, name: str, micro: int, accum: int) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-def test_micro2_accum4_equals_micro8_accum1(tmp_path, monkeypatch):
+# One fp32 rank runs ZeRO-1 as ZeRO-0 (DeepSpeed's engine accumulates into .grad); kept, DeepSpeed's
+# ZeRO-1 optimizer accumulates into its own partition.
+@pytest.mark.parametrize("keep_zero1", [False, True], ids=["zero0", "zero1"])
+def test_micro2_accum4_equals_micro8_accum1(tmp_path, monkeypatch, keep_zero1):
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
-    split = run(tmp_path, "split", micro=2, accum=4)
-    whole = run(tmp_path, "whole", micro=8, accum=1)
+    split = run(tmp_path, "split", micro=2, accum=4, keep_zero1=keep_zero1)
+    whole = run(tmp_path, "whole", micro=8, accum=1, keep_zero1=keep_zero1)
     assert sorted(split) == list(range(1, 7))
     # Step 1 sees identical weights and data: only summation order differs. Later steps compound it.
     assert split[1] == pytest.approx(whole[1], rel=1e-5)

@@ -50,6 +50,11 @@ def test_zero_stages_shard_memory(precision):
     assert plans[3].weights_gb == plans[0].weights_gb / 2
     assert plans[3].total_gb < plans[2].total_gb < plans[1].total_gb < plans[0].total_gb
     assert make_plan(cfg(zero_stage=2, offload_optimizer=True), 320).optimizer_gb == 0
+    # One rank has nothing to partition: the plan counts the stage that runs (fp32: 0, else 1).
+    one_rank = {s: make_plan(cfg(zero_stage=s, precision=precision), 320, world_size=1) for s in (0, 1, 3)}
+    runs_as = 0 if precision == "fp32" else 1
+    assert one_rank[3].total_gb == one_rank[1].total_gb == make_plan(cfg(zero_stage=runs_as, precision=precision), 320, world_size=1).total_gb
+    assert one_rank[3].zero_stage.startswith(f"3 (runs as {runs_as}")
 
 
 def test_tokens_and_refusal():

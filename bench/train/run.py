@@ -8,9 +8,9 @@ The same tiny GPT (4 layers, 128 wide, block 128, on synthetic shards from
 
 * ours:  ``pretrain.launch.train`` (the real launcher: torchrun, ``pretrain.train`` ranks, the
   DeepSpeed engine, per-step collectives, metrics.jsonl and W&B offline), ZeRO-1 and ZeRO-3, at 1
-  and 2 ranks. At 1 rank a ZeRO-3 config runs as ZeRO-1 (``pretrain.engine.effective_zero_stage``:
-  nothing to partition); the row "ZeRO-3 kept" times DeepSpeed's real stage 3 on one rank
-  (``train.keep_zero_stage_on_one_rank``) for reference;
+  and 2 ranks. At 1 rank an fp32 ZeRO-1/3 config runs as ZeRO-0 (``pretrain.engine.effective_zero_stage``:
+  nothing to partition); the rows "ZeRO-1 kept" and "ZeRO-3 kept" time DeepSpeed's real stages on
+  one rank (``train.keep_zero_stage_on_one_rank``) for reference;
 * plain: ``bench/train/plain.py``: GPT, AdamW, clipping and the same loader in a bare loop (DDP
   over gloo for 2 ranks), started with the environment ``pretrain.launch.build_env`` gives the
   ranks, so the thread count (``OMP_NUM_THREADS``) is the same.
@@ -19,7 +19,8 @@ Throughput is steady state: both sides time windows of ``--log-every`` steps the
 (``train/tokens_per_s`` in metrics.jsonl), and only windows after the first ``--warmup`` steps
 count, so process start-up, DeepSpeed set-up and first-step allocation are outside the clock.
 Printed: tokens/s (all ranks) and the ratio to the plain loop at the same rank count; target at
-1 rank on CPU >= 0.95. With ``--repeat`` the cases are interleaved and each keeps its best.
+1 rank on CPU >= 0.95. The cases are interleaved ``--repeat`` times (default 3: this machine's
+run-to-run noise is about 5%) and each keeps its best.
 
 Then ``bench/train/memory.py`` builds the real engines for ZeRO 0/1/2/3 at 2 ranks and prints the
 bytes each rank holds for weights, gradients, the fp32 master copy and Adam's moments, next to
@@ -44,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 MiB = 1024**2
 
 
-def make_cfg(root: Path, zero: int, nproc: int, args: argparse.Namespace, keep_stage: bool = False):
+def make_cfg(root: Path, zero: int, nproc: int, args: argparse.Namespace, keep_stage: bool = False,
+             precision: str = "fp32"):
     from pretrain_pipeline.config import build_config
 
     return build_config(
@@ -57,7 +59,7 @@ def make_cfg(root: Path, zero: int, nproc: int, args: argparse.Namespace, keep_s
                 "nproc_per_node": nproc, "micro_batch_size": args.micro_batch,
                 "grad_accum_steps": 1, "max_steps": args.steps, "warmup_steps": 5, "lr": 1e-3, "min_lr": 1e-4,
                 "log_every": args.log_every, "eval_every": 10**6, "eval_batches": 1, "checkpoint_every": 10**6,
-                "keep_last_checkpoints": 1, "device": "cpu", "precision": "fp32",
+                "keep_last_checkpoints": 1, "device": "cpu", "precision": precision,
             },
             "tracking": {"wandb_mode": args.wandb},
             "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
@@ -118,18 +120,18 @@ def run_plain(work: Path, data: Path, nproc: int, args) -> tuple[float, float]:
     return steady_tokens_per_s(read_jsonl(out), args.warmup, args.log_every)
 
 
-def run_memory(work: Path, data: Path, args) -> list[dict]:
+def run_memory(work: Path, data: Path, args, precision: str) -> list[dict]:
     from pretrain.launch import build_env
     from pretrain_pipeline.config import dump_config
 
-    paths = new_run(work, data, "memory")
-    cfg = make_cfg(paths.root, 0, 2, args)
+    paths = new_run(work, data, f"memory-{precision}")
+    cfg = make_cfg(paths.root, 0, 2, args, precision=precision)
     paths.config.write_text(dump_config(cfg))
     out = paths.root / "memory.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "bench" / "train" / "memory.py"), "--run-dir", str(paths.root), "--out", str(out),
            "--persistence-threshold", str(10 * cfg.model.n_embd)]
-    with open(work / "memory.log", "w") as log:
+    with open(work / f"memory-{precision}.log", "w") as log:
         subprocess.run(cmd, env=build_env(cfg), cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
     return read_jsonl(out), cfg
 
@@ -138,7 +140,7 @@ def print_memory(records: list[dict], cfg, vocab_size: int) -> None:
     from pretrain.plan import make_plan
 
     cols = ("weights", "grads", "master", "adam", "other", "total")
-    print(f"\nper-rank parameter + gradient + optimizer memory at 2 ranks, fp32, MiB "
+    print(f"\nper-rank parameter + gradient + optimizer memory at 2 ranks, {cfg.train.precision}, MiB "
           f"({records[0]['params']:,} params; measured from the engines after backward)")
     print(f"{'case':<24}{'rank':>5}" + "".join(f"{c:>9}" for c in cols) + f"{'plan':>9}{'vs ZeRO-0':>11}")
     base = max(r["total"] for r in records[0]["per_rank"])
@@ -167,9 +169,9 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=320)
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ranks", default="1,2")
-    ap.add_argument("--stages", default="1,3,3keep",
+    ap.add_argument("--stages", default="1,3,1keep,3keep",
                     help="ZeRO stages of our trainer to time; 'Nkeep' keeps stage N on one rank "
                     "(train.keep_zero_stage_on_one_rank), timed at 1 rank only, for reference")
     ap.add_argument("--wandb", choices=["offline", "disabled"], default="offline")
@@ -235,8 +237,10 @@ def main() -> None:
     if not args.no_memory:
         from pretrain.data import load_manifest
 
-        records, cfg = run_memory(work, data, args)
-        print_memory(records, cfg, load_manifest(data / "shards").vocab_size)
+        # fp32 as timed above; bf16 as GPU runs train (2-byte weights and gradients, fp32 master).
+        for precision in ("fp32", "bf16"):
+            records, cfg = run_memory(work, data, args, precision)
+            print_memory(records, cfg, load_manifest(data / "shards").vocab_size)
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     else:
