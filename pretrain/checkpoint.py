@@ -365,6 +365,20 @@ def load_client_state(checkpoint_dir: str | Path, tag: str | None = None) -> dic
     return state
 
 
+def zero_stages_of(tag_dir: str | Path) -> list[int]:
+    """The ZeRO stages whose file layout a tag has, for checkpoints that do not record their stage.
+
+    ZeRO-0 keeps the optimizer inside ``mp_rank_*_model_states.pt``; ZeRO-1/2 (one layout) add
+    ``*_optim_states.pt`` per rank; ZeRO-3 also writes ``zero_pp_rank_*_model_states.pt``.
+    """
+    names = [f.name for f in Path(tag_dir).glob("*_states.pt")]
+    if not any(n.endswith("optim_states.pt") for n in names):
+        return [0]
+    if any(n.startswith("zero_pp_rank_") and n.endswith("model_states.pt") for n in names):
+        return [3]
+    return [1, 2]
+
+
 # --------------------------------------------------------------------------------------------
 # The training side: every rank calls these together.
 
@@ -455,6 +469,8 @@ def load_checkpoint(
     if tag is None:
         return None
     state = load_client_state(checkpoint_dir, tag)
+    if "zero_stage" not in state:  # saved before checkpoints recorded it: read it off the files
+        state["zero_stages_from_files"] = zero_stages_of(checkpoint_dir / tag)
     if check:
         check(state)
     safe_checkpoint_engine(_ds(engine))

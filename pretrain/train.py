@@ -69,6 +69,22 @@ def nonfinite_failure(tc, skipped: int, paths: RunPaths, what: str) -> str | Non
     )
 
 
+def resume_refusal(state: dict[str, Any], zero_stage: int, world: int) -> str | None:
+    """Why a checkpoint (its client state) cannot resume on ``zero_stage`` x ``world`` ranks, or None.
+
+    DeepSpeed lays out optimizer state per stage, and under ZeRO per rank: it cannot read another
+    stage's files or re-partition ZeRO state for a new world size, and fails deep inside its loader
+    (a ZeRO-0 engine given a ZeRO checkpoint finds its optimizer state missing). ZeRO-0 state is
+    whole, so it resumes on any world size. Checkpoints from before the stage was recorded are
+    judged by their files (``pretrain.checkpoint.zero_stages_of``).
+    """
+    stages = [state["zero_stage"]] if "zero_stage" in state else state.get("zero_stages_from_files", [])
+    saved_world = state.get("world_size", len(state.get("rng", [])))
+    if not stages or (zero_stage in stages and (zero_stage == 0 or saved_world == world)):
+        return None
+    return f"was written by {saved_world} rank(s) running ZeRO-{'/'.join(map(str, stages))}"
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,15 +212,13 @@ def run(cfg: PipelineConfig, paths: RunPaths) -> int:
                 f"{paths.checkpoints} holds checkpoints of a different model config; "
                 "set train.resume: never (they are moved aside) or use another run name"
             )
-        # DeepSpeed lays out optimizer state per stage, and ZeRO per rank: it cannot read another
-        # stage's files, nor re-partition ZeRO state for a new world size. Say so before it tries.
-        saved_stage, saved_world = state.get("zero_stage"), state.get("world_size", len(state.get("rng", [])))
-        if saved_stage is not None and (saved_stage != zero_stage or (zero_stage and saved_world != world)):
+        refused = resume_refusal(state, zero_stage, world)
+        if refused:
             raise RuntimeError(
-                f"{paths.checkpoints} was written by {saved_world} rank(s) running ZeRO-{saved_stage}; this launch "
-                f"runs ZeRO-{zero_stage_note(tc, world)} on {world} rank(s), and DeepSpeed cannot read ZeRO "
-                "optimizer state across stages or world sizes. Resume with the same ranks and stage, or "
-                "set train.resume: never (the checkpoints are moved aside) to start over"
+                f"{paths.checkpoints} {refused}; this launch runs ZeRO-{zero_stage_note(tc, world)} on {world} "
+                "rank(s), and DeepSpeed cannot read ZeRO optimizer state across stages or world sizes. Resume "
+                "with the same ranks and stage, or set train.resume: never (the checkpoints are moved aside) "
+                "to start over"
             )
 
     # The newest tag whose files match its completion record (rank 0 verifies, all ranks load);

@@ -364,3 +364,29 @@ def test_deepspeed_config_zero3_host_work():
     model = GPT(tiny(), vocab_size=64)
     set_z3_leaf_modules(model, zero["leaf_module"]["classes"])  # the class name resolves to the model's blocks
     assert get_z3_leaf_modules(model) == list(model.transformer.h)
+
+
+def test_resume_refusal_names_the_stage_and_ranks_that_wrote_the_checkpoint(tmp_path):
+    from pretrain.checkpoint import zero_stages_of
+    from pretrain.train import resume_refusal
+
+    recorded = {"zero_stage": 1, "world_size": 2, "rng": [{}, {}]}
+    assert resume_refusal(recorded, 1, 2) is None
+    assert resume_refusal(recorded, 1, 4) == "was written by 2 rank(s) running ZeRO-1"
+    assert resume_refusal(recorded, 0, 2) == "was written by 2 rank(s) running ZeRO-1"
+    assert resume_refusal({"zero_stage": 0, "world_size": 1}, 0, 2) is None  # ZeRO-0 state is whole
+    # Older checkpoints: the stage is read off the files, the world size off the per-rank RNG states.
+    layouts = {
+        "zero0": (["mp_rank_00_model_states.pt"], [0]),
+        "zero1": (["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"], [1, 2]),
+        "zero3": (["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"], [3]),
+    }
+    for name, (files, stages) in layouts.items():
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(b"")
+        assert zero_stages_of(tmp_path / name) == stages
+    legacy = {"rng": [{}], "zero_stages_from_files": [1, 2]}
+    assert resume_refusal(legacy, 1, 1) is None and resume_refusal(legacy, 2, 1) is None
+    assert resume_refusal(legacy, 0, 1) == "was written by 1 rank(s) running ZeRO-1/2"
+    assert resume_refusal({"rng": [{}]}, 0, 1) is None  # nothing known: DeepSpeed decides
