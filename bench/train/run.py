@@ -20,7 +20,7 @@ Throughput is steady state: both sides time windows of ``--log-every`` steps the
 count, so process start-up, DeepSpeed set-up and first-step allocation are outside the clock.
 Printed: tokens/s (all ranks) and the ratio to the plain loop at the same rank count; target at
 1 rank on CPU >= 0.95. The cases are interleaved ``--repeat`` times (default 3: this machine's
-run-to-run noise is about 5%) and each keeps its best.
+runs of one case spread by 5-12%) and each keeps its best.
 
 Then ``bench/train/memory.py`` builds the real engines for ZeRO 0/1/2/3 at 2 ranks and prints the
 bytes each rank holds for weights, gradients, the fp32 master copy and Adam's moments, next to
