@@ -181,7 +181,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 class Engine:
     """The DeepSpeed engine plus the client optimizer whose LR we set each step."""
 
-    def __init__(self, ds_engine: Any, optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, world_size: int = 1):
+    def __init__(self, ds_engine: Any, optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, world_size: int):
         self.ds = ds_engine
         self.optimizer = optimizer
         self.train_cfg = train_cfg
@@ -221,7 +221,7 @@ class Engine:
         if math.isfinite(self.last_grad_norm):
             ds.step()
             return True
-        ds.optimizer.zero_grad(set_to_none=False)
+        # DeepSpeed's step then skips the update and still zeroes the gradients and ends the boundary.
         ds.optimizer.step = lambda *args, **kwargs: None  # this instance, this step only
         try:
             ds.step()
