@@ -95,7 +95,7 @@ bench-tokenize: $(STAMP)
 	$(BIN)/python bench/tokenize/run.py --mb 32 --cores 2
 	$(BIN)/python bench/tokenize/run.py --mb 128 --cores 2 --repeat 2
 
-# Our trainer (launch.train: ZeRO-1/3, 1 and 2 ranks) vs a plain PyTorch loop, and ZeRO 0-3 memory per rank.
+# Our trainer (launch_training: ZeRO-1/3, 1 and 2 ranks) vs a plain PyTorch loop, and ZeRO 0-3 memory per rank.
 bench-train: $(STAMP)
 	$(BIN)/python bench/train/run.py $(ARGS)
 

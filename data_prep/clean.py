@@ -5,12 +5,12 @@
     keys  ─one Ray task per key range→ edges (first copy, other copy) per equal key    (the shuffle)
     edges ─driver union-find→ exact / near-duplicate drops → sorted Parquet parts + stats
 
-Both task kinds are plain Ray tasks, so a local Ray and a multi-node cluster run the same code.
+Both task kinds are units handed to a ``data_prep.ray_runtime`` runner: plain Ray tasks, so a local
+Ray and a multi-node cluster run the same code, or in process under ``LocalRunner`` (tests).
 Not Ray Data: the unit of work is an input file (or a part of it: plain jsonl files bigger than
 ``data.clean_task_mb`` are cut at line starts, Parquet files at row groups, so one big file uses
 every core) read by our own readers, whose quarantine rows need file and line numbers; a Ray
-Data pipeline would only wrap those tasks, and its streaming executor's dispatch cost about
-0.7 s per run on 8 files (bench/clean).
+Data pipeline would only wrap those tasks and add its streaming executor's start-up cost.
 
 A rerun after a crash finds the ``.done.json`` of every finished task and redoes only the others;
 the shuffle and the final write are cheap next to stage 1. The final directory replaces
@@ -45,23 +45,21 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 
-from data_prep.filters import PII_KINDS, clean_batch
+from data_prep.cleaner import PII_KINDS, clean_batch
 from data_prep.minhash import EDGES_SCHEMA, KEYS_ROW_GROUP, KEYS_SCHEMA, MinHasher, duplicates_from_edges, edges_of_range, key_rows, ordinal
 from data_prep.readers import FilePart, expand_inputs, read_file, split_file
-from data_prep.ray_runtime import available_cpus, is_quiet, ray_session
+from data_prep.ray_runtime import UnitRunner, ray_runner
 from pretrain_pipeline.artifacts import (
     RunPaths,
     atomic_path,
     atomic_write_json,
     fingerprint,
-    mark_stage_done,
     naming_file,
     read_json,
-    read_stage_record,
     sha256_file,
-    stage_is_current,
 )
 from pretrain_pipeline.config import DataConfig, PipelineConfig
+from pretrain_pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +173,6 @@ def _identity(path: Path) -> list[Any]:
     return [str(path), st.st_size, st.st_mtime_ns]
 
 
-def clean_fingerprint(cfg: PipelineConfig, identities: list[list[Any]]) -> str:
-    return fingerprint("clean", cfg.data.model_dump(mode="json"), identities)
-
-
 def _stage1_config(cfg: DataConfig) -> dict[str, Any]:
     # Settings that only the final write reads do not invalidate finished work. The dedup
     # switches are not among them: stage 1 writes the exact and MinHash keys. The task size is
@@ -195,6 +189,9 @@ class WorkUnit:
     part: FilePart | None
     key: str  # names its work files: the file's identity and place, the part, the config
     size: int  # bytes, about: big tasks are started first
+
+    def describe(self) -> str:
+        return f"clean: cleaning {self.path}" + (f" ({self.part})" if self.part else "")
 
 
 def plan_work(cfg: DataConfig, files: list[Path], identities: list[list[Any]]) -> list[WorkUnit]:
@@ -268,41 +265,21 @@ def _clean_chunk(rows: list[dict[str, Any]], file_index: int, cfg: DataConfig, h
     return len(rows)
 
 
-def _edges_task(paths: list[str], lo: int, hi: int | None) -> pa.Table:
-    return edges_of_range(paths, lo, hi)
+def _edges_task(key_range: tuple[int, int | None], paths: list[str]) -> pa.Table:
+    return edges_of_range(paths, *key_range)
 
 
-# A task whose worker process died (killed, OOM, node lost) is run again this many times before
-# the stage fails naming the file: a file that kills every worker it meets must not loop forever.
-_TASK_RETRIES = 3
+def _describe_key_range(key_range: tuple[int, int | None]) -> str:
+    lo, hi = key_range
+    return f"clean: finding duplicates among keys {lo:#018x}-{(1 << 64) if hi is None else hi:#018x}"
 
 
-def _clean_files(todo: list[WorkUnit], work_dir: Path, cfg: DataConfig) -> None:
-    """Stage 1: one Ray task per unfinished work unit, biggest first (the longest task starts
-    first, so the last one to finish is a short one), with a progress bar over tasks."""
-    import ray
-    from tqdm import tqdm
-
-    task = ray.remote(num_cpus=1, max_retries=_TASK_RETRIES)(clean_unit)
-    cfg_ref = ray.put(cfg)
+def clean_files(todo: list[WorkUnit], work_dir: Path, cfg: DataConfig, runner: UnitRunner) -> None:
+    """Stage 1: one task per unfinished work unit, biggest first (the longest task starts first,
+    so the last one to finish is a short one), taken as they finish so a failure stops at once."""
     order = sorted(todo, key=lambda u: -u.size)
-    pending = {task.remote(unit, str(work_dir), cfg_ref): unit for unit in order}
-    with tqdm(total=len(pending), desc="clean", unit="task", disable=is_quiet()) as bar:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            unit = pending.pop(done[0])
-            try:
-                ray.get(done[0])
-            except ray.exceptions.RayError as e:
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                where = f" ({unit.part})" if unit.part else ""
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, OSError) and cause.filename:
-                    # A full disk, say: the file the worker could not write is the news, not its traceback.
-                    raise OSError(cause.errno, f"clean: cleaning {unit.path}{where} failed: {cause.strerror}", cause.filename) from e
-                raise RuntimeError(f"clean: cleaning {unit.path}{where} failed: {e}") from e
-            bar.update(1)
+    for _ in runner.map(clean_unit, order, shared=(str(work_dir), cfg), describe=WorkUnit.describe, desc="clean", ordered=False):
+        pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -434,24 +411,21 @@ def _check_accounting(docs_in: int, kept: int, dropped: dict[str, int], quaranti
 # Stage
 
 
-def _find_duplicates(keys_files: list[Path]) -> dict[int, str]:
-    """The shuffle: the 64-bit key space is cut into equal ranges, one Ray task per range reads
-    that range from every file's sorted key rows and returns its edges; union-find runs here.
+def find_duplicates(keys_files: list[Path], runner: UnitRunner) -> dict[int, str]:
+    """The shuffle: the 64-bit key space is cut into equal ranges, one task per range reads that
+    range from every file's sorted key rows and returns its edges; union-find runs here.
 
     Keys are uniform hashes, so equal ranges hold about equal rows; the number of ranges keeps
     every task under ``_ROWS_PER_PARTITION`` rows (bounded memory) and every CPU busy. Files are
     read from the shared work directory, as the final write does."""
-    import ray
-
     n_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in keys_files)
     if n_rows == 0:
         return {}
-    n_partitions = max(available_cpus(), -(-n_rows // _ROWS_PER_PARTITION))
+    n_partitions = max(runner.cpus(), -(-n_rows // _ROWS_PER_PARTITION))
     bounds = [(i << 64) // n_partitions for i in range(n_partitions)] + [None]
-    task = ray.remote(num_cpus=1)(_edges_task)
-    paths = [str(p) for p in keys_files]
-    refs = [task.remote(paths, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    tables = [t for t in ray.get(refs) if t.num_rows]
+    key_ranges = list(zip(bounds[:-1], bounds[1:]))
+    edges = runner.map(_edges_task, key_ranges, shared=([str(p) for p in keys_files],), describe=_describe_key_range, desc="dedup")
+    tables = [t for t in edges if t.num_rows]
     return duplicates_from_edges(pa.concat_tables([t.cast(EDGES_SCHEMA) for t in tables]) if tables else EDGES_SCHEMA.empty_table())
 
 
@@ -460,9 +434,8 @@ def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> C
     start = time.monotonic()
     files = resolve_inputs(cfg, paths)
     identities = [_identity(p) for p in files]
-    fp = clean_fingerprint(cfg, identities)
-    if not force and stage_is_current(paths.clean, fp):
-        record = read_stage_record(paths.clean)
+    stage = Stage("clean", paths.clean, cfg.data.model_dump(mode="json"), identities, force=force)
+    if record := stage.current():
         log.info("clean: inputs and config unchanged, skipping (%s)", paths.clean)
         return CleanResult.from_record(record)
 
@@ -474,19 +447,19 @@ def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> C
     if reused:
         log.info("clean: %d of %d tasks already done, resuming", reused, len(units))
 
-    with ray_session(cfg.runtime):
+    with ray_runner(cfg.runtime) as runner:
         if todo:
-            _clean_files(todo, work_dir, cfg.data)
+            clean_files(todo, work_dir, cfg.data, runner)
         missing = [u.path for u in units if not _unit_done(work_dir, u.key)]
         if missing:
             raise RuntimeError(f"clean: no completion record for {missing[:5]} after stage 1")
         drops: dict[int, str] = {}
         if cfg.data.exact_dedup or cfg.data.minhash_dedup:
-            drops = _find_duplicates([_work_paths(work_dir, u.key)[1] for u in units])
+            drops = find_duplicates([_work_paths(work_dir, u.key)[1] for u in units], runner)
 
-    with atomic_path(paths.clean) as tmp:
+    with stage.outputs(paths.clean) as (tmp,):
         tmp.mkdir(parents=True)
-        stats = _write_outputs(units, work_dir, drops, tmp, cfg.data, fp)
+        stats = _write_outputs(units, work_dir, drops, tmp, cfg.data, stage.fingerprint)
         _check_accounting(stats["docs_in"], stats["kept"], stats["dropped"], stats["quarantined"])
         expected = sum(read_json(_work_paths(work_dir, u.key)[2])["rows"] for u in units)
         if expected != stats["docs_in"]:
@@ -498,15 +471,12 @@ def clean_corpus(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> C
         kept=stats["kept"],
         dropped=stats["dropped"],
         quarantined=stats["quarantined"],
-        fingerprint=fp,
+        fingerprint=stage.fingerprint,
         parts=stats["parts"],
         elapsed_s=round(time.monotonic() - start, 3),
         tasks=len(units),
         tasks_reused=reused,
     )
-    summary = result.to_dict()
-    summary.pop("skipped")
-    summary.pop("fingerprint")
-    mark_stage_done(paths.clean, fp, summary)
+    stage.done(result.to_dict())
     log.info("clean: %d in, %d kept, %s dropped, %d quarantined", result.docs_in, result.kept, result.dropped, result.quarantined)
     return result

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from data_prep.quality import DocStats, Filter
+from data_prep.filters import DocStats, Filter
 
 
 @lru_cache(maxsize=1)
@@ -26,21 +26,21 @@ def identify(text: str) -> tuple[str, float]:
 
 
 class LanguageFilter(Filter):
-    """Keep documents whose most likely language is in ``keep`` with probability >= ``threshold``.
+    """Keep documents whose most likely language is in ``languages`` with probability >= ``threshold``.
 
-    An empty ``keep`` keeps every language (the language is still recorded).
+    An empty ``languages`` keeps every language (the language is still recorded).
     """
 
     name = "language"
 
-    def __init__(self, keep: list[str], threshold: float) -> None:
-        self.keep = set(keep)
+    def __init__(self, *, languages: list[str], threshold: float) -> None:
+        self.languages = set(languages)
         self.threshold = threshold
 
     def check(self, text: str, stats: DocStats) -> str | None:
         lang, score = identify(text)
         stats.language, stats.language_score = lang, score
-        if self.keep and lang not in self.keep:
+        if self.languages and lang not in self.languages:
             return lang
         if score < self.threshold:
             return "low_score"

@@ -1,16 +1,23 @@
-"""The one place that starts, joins and tunes Ray.
+"""The one module of ``data_prep`` that talks to Ray: it starts, joins and tunes Ray, and runs
+units of work on it.
 
-Everything else in ``data_prep`` just starts Ray tasks inside ``with ray_session(cfg):``.
+The stages only say what one unit computes and hand the units to a ``UnitRunner``: ``ray_runner``
+runs them as Ray tasks on a local Ray or a cluster, ``LocalRunner`` in this process (tests).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
+import functools
+import itertools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
+
+from tqdm import tqdm
 
 from pretrain_pipeline.artifacts import project_state_dir
 from pretrain_pipeline.config import RuntimeConfig
@@ -123,6 +130,160 @@ def ray_session(runtime_cfg: RuntimeConfig | None = None) -> Iterator[None]:
         if started:
             ray.shutdown()
             _single_machine_mode(False)
+
+
+# --------------------------------------------------------------------------------------------
+# Units of work: the stages say what one unit computes; a runner says where it runs.
+
+# A unit whose worker process died (killed, OOM, node lost) is run again this many times before
+# the stage fails naming the unit: a unit that kills every worker it meets must not loop forever.
+TASK_RETRIES = 3
+
+
+class UnitRunner(abc.ABC):
+    """Runs ``fn(unit, *shared)`` over units of work and hands back their results.
+
+    The scheduling (a bounded window of units in flight, results in unit or completion order, a
+    progress bar, a failure that names its unit and cancels the rest) lives here once; a subclass
+    only says how one unit is started, awaited and cancelled, as datatrove keeps its executors
+    apart from its pipeline steps.
+    """
+
+    @abc.abstractmethod
+    def cpus(self) -> int:
+        """How many units run at the same time."""
+
+    @abc.abstractmethod
+    def _starter(self, fn: Callable[..., Any], shared: tuple) -> Callable[[Any], Any]:
+        """A function that starts one unit and returns its handle."""
+
+    @abc.abstractmethod
+    def _first_done(self, handles: list[Any]) -> Any:
+        """The handle, among ``handles``, of a unit that has finished (waiting for one)."""
+
+    @abc.abstractmethod
+    def _result(self, handle: Any) -> Any:
+        """The unit's result, or its exception raised."""
+
+    def _cause(self, err: Exception) -> BaseException:
+        return err
+
+    def _cancel(self, handle: Any) -> None:
+        pass
+
+    def map(
+        self,
+        fn: Callable[..., Any],
+        units: Sequence[Any],
+        *,
+        describe: Callable[[Any], str],
+        desc: str,
+        shared: tuple = (),
+        window: int | None = None,
+        ordered: bool = True,
+    ) -> Iterator[Any]:
+        """``fn(unit, *shared)`` for every unit, with at most ``window`` units started and not yet
+        consumed (all of them when None), so a slow consumer bounds the results held in memory.
+
+        ``ordered`` yields in unit order; otherwise in completion order, which fails at the first
+        broken unit whatever its place. ``shared`` arguments are sent once, not once per unit. A
+        failing unit raises naming ``describe(unit)`` (an ``OSError`` keeps its errno and file);
+        the units not yet consumed are cancelled then, or when the consumer closes the iterator.
+        """
+        start = self._starter(fn, shared)
+        rest = iter(units)
+        pending: dict[Any, Any] = {}  # handle -> unit, in start order
+        with tqdm(total=len(units), desc=desc, unit="task", disable=is_quiet()) as bar:
+            try:
+                for unit in itertools.islice(rest, window or len(units)):
+                    pending[start(unit)] = unit
+                while pending:
+                    handle = next(iter(pending)) if ordered else self._first_done(list(pending))
+                    unit = pending.pop(handle)
+                    try:
+                        result = self._result(handle)
+                    except Exception as err:
+                        raise _unit_failure(describe(unit), err, self._cause(err)) from err
+                    for following in itertools.islice(rest, 1):
+                        pending[start(following)] = following
+                    yield result
+                    bar.update(1)
+            finally:
+                for handle in pending:
+                    self._cancel(handle)
+
+
+def _unit_failure(what: str, err: Exception, cause: BaseException) -> Exception:
+    if isinstance(cause, OSError) and cause.filename:
+        # A full disk, say: the file the unit could not write is the news, not its traceback.
+        return OSError(cause.errno, f"{what} failed: {cause.strerror}", cause.filename)
+    return RuntimeError(f"{what} failed: {err}")
+
+
+class LocalRunner(UnitRunner):
+    """Runs each unit in this process, one at a time, when its result is consumed: the same
+    stage code without Ray, for tests and for debugging a unit under pdb."""
+
+    def cpus(self) -> int:
+        return 1
+
+    def _starter(self, fn: Callable[..., Any], shared: tuple) -> Callable[[Any], Any]:
+        return lambda unit: functools.partial(fn, unit, *shared)
+
+    def _first_done(self, handles: list[Any]) -> Any:
+        return handles[0]
+
+    def _result(self, handle: Any) -> Any:
+        return handle()
+
+
+class RayRunner(UnitRunner):
+    """Runs each unit as a plain Ray task holding one CPU, wherever the session's cluster has one.
+
+    Plain tasks rather than Ray Data or actors: units are already cut by the stages, results must
+    come back in order, and Ray reuses its task workers, so nothing waits for an executor or actor
+    processes to start. The task is ``fn`` itself, so a worker's process title names it.
+    """
+
+    def __init__(self, retries: int = TASK_RETRIES) -> None:
+        self.retries = retries
+
+    def cpus(self) -> int:
+        return available_cpus()
+
+    def _starter(self, fn: Callable[..., Any], shared: tuple) -> Callable[[Any], Any]:
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=self.retries)(fn)
+        shared_refs = [ray.put(value) for value in shared]
+        return lambda unit: task.remote(unit, *shared_refs)
+
+    def _first_done(self, handles: list[Any]) -> Any:
+        import ray
+
+        done, _ = ray.wait(handles, num_returns=1)
+        return done[0]
+
+    def _result(self, handle: Any) -> Any:
+        import ray
+
+        return ray.get(handle)
+
+    def _cause(self, err: Exception) -> BaseException:
+        return getattr(err, "cause", None) or err  # a task's own exception, inside Ray's wrapper
+
+    def _cancel(self, handle: Any) -> None:
+        import ray
+
+        ray.cancel(handle, force=True)
+
+
+@contextlib.contextmanager
+def ray_runner(runtime_cfg: RuntimeConfig | None = None) -> Iterator[RayRunner]:
+    """A ``RayRunner`` on the Ray of ``ray_session``: the running one, the configured cluster
+    address, or a local one started (and stopped) here."""
+    with ray_session(runtime_cfg):
+        yield RayRunner()
 
 
 def _main() -> None:  # pragma: no cover - manual smoke check: python -m data_prep.ray_runtime

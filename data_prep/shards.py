@@ -3,11 +3,10 @@
 Each task reads a run of row groups of the clean Parquet parts and encodes them; the driver takes
 the results in clean order (at most two tasks per CPU ahead of it) and writes the shards. Plain
 Ray tasks, not a Ray Data ``map_batches``: the work is already cut by the Parquet footers and the
-results must come back in order, so Ray Data added only its executor's start-up (its per-operator
-resource reservation started the second task about a second late) and background threads that,
-after a failed write, outlived ``ray.shutdown()`` and then ended the whole driver process (Ray's
-core worker exits any process that calls into it after shutdown). The clean stage's map is plain
-tasks for the same reasons. The tasks run wherever the Ray cluster has CPUs.
+results must come back in order, so Ray Data would add only its executor's start-up and background
+threads that can outlive ``ray.shutdown()`` after a failed write and end the driver process.
+The tasks run through a ``data_prep.ray_runtime`` runner: wherever the Ray cluster has CPUs, or in
+process under ``LocalRunner`` (tests).
 
 Each document becomes its token ids followed by ``</s>`` (id 2). A document goes to ``val`` when
 ``sha256(f"{seed}:{id}")`` read as a fraction of 2**64 is below ``val_fraction``, so the split does
@@ -25,7 +24,6 @@ Output ``shards/``: train-00000.arrow …, val-00000.arrow …, manifest.json, _
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import itertools
@@ -36,28 +34,18 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from data_prep.ray_runtime import available_cpus, is_quiet, ray_session
+from data_prep.ray_runtime import UnitRunner, ray_runner
 from data_prep.tokenizer import EOS_ID, MODEL_FILE, clean_parts, clean_stage_fingerprint
-from pretrain_pipeline.artifacts import (
-    RunPaths,
-    atomic_write_json,
-    fingerprint,
-    mark_stage_done,
-    naming_file,
-    read_json,
-    read_stage_record,
-    sha256_file,
-    stage_is_current,
-)
+from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, naming_file, read_json, sha256_file
 from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.stage import PARTIAL_FINGERPRINT, Stage, completed_record
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +59,9 @@ PROGRESS_DIR = ".done"  # per-shard completion records inside the work directory
 ENCODE_THREADS = 1
 MAX_TASK_BYTES = 64 << 20  # uncompressed Parquet bytes of text per encode task, at most
 TASKS_PER_CPU = 2  # each task takes 1/(TASKS_PER_CPU * cpus) of the text not yet assigned
-# A task whose worker process died (killed, OOM, node lost) is run again this many times before the
-# stage fails naming its row groups.
-TASK_RETRIES = 3
+# Encode tasks started ahead of the writer, per CPU: enough to keep every CPU busy while the writer
+# works, few enough that a slow writer bounds the encoded tables held in memory.
+IN_FLIGHT_PER_CPU = 2
 
 
 @dataclass
@@ -91,6 +79,13 @@ class ShardsResult:
         out = asdict(self)
         out["manifest_path"] = str(self.manifest_path)
         return out
+
+    @classmethod
+    def from_manifest(cls, path: Path, **extra: Any) -> "ShardsResult":
+        totals = read_json(path)["totals"]
+        train, val = totals["train"], totals["val"]
+        return cls(path, train["tokens"], val["tokens"], train["documents"], val["documents"],
+                   train["shards"] + val["shards"], **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,43 +197,28 @@ def _row_group_rows(part: Path) -> list[int]:
     return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
 
 
-def in_order(submit: Callable[[str], Any], items: list[str], window: int) -> Iterator[pa.Table]:
-    """The results of ``submit(item)`` (Ray tasks) in item order, with at most ``window`` tasks
-    submitted and not yet consumed, so a slow writer bounds the encoded tables held in memory.
+def encode_parts(parts: list[Path], model_path: str, model_sha256: str, vocab_size: int, runner: UnitRunner) -> Iterator[pa.Table]:
+    """The clean parts encoded, one table per row group, in clean order.
 
-    A task whose worker died is retried by Ray (``TASK_RETRIES``); one that still fails, or raises,
-    stops the stage with the row groups it held, and the tasks not yet consumed are cancelled.
+    The tasks cut the corpus by the CPUs there are; the tables are cut back to row groups, so what
+    the writers see (and the shards they write) depends on the corpus alone. Close the iterator
+    while the runner's Ray is up: that cancels the tasks not yet consumed.
     """
-    import ray
-
-    pending: collections.deque = collections.deque()
-    rest = iter(items)
-    try:
-        for item in itertools.islice(rest, window):
-            pending.append((item, submit(item)))
-        while pending:
-            item, ref = pending.popleft()
-            try:
-                table = ray.get(ref)
-            except ray.exceptions.RayError as err:
-                raise RuntimeError(f"shards: encoding {_describe(item)} failed: {err}") from err
-            nxt = next(rest, None)
-            if nxt is not None:
-                pending.append((nxt, submit(nxt)))
-            yield table
-    finally:
-        for _, ref in pending:
-            ray.cancel(ref, force=True)
+    items = work_items(parts, runner.cpus())
+    encoded = runner.map(
+        encode_row_groups,
+        items,
+        shared=(model_path, model_sha256, vocab_size, ENCODE_THREADS),
+        describe=_describe_item,
+        desc="tokenize",
+        window=IN_FLIGHT_PER_CPU * runner.cpus(),
+    )
+    with contextlib.closing(encoded):
+        yield from _per_row_group(encoded, [n for part in parts for n in _row_group_rows(part)])
 
 
-def _describe(item: str) -> str:
-    return "; ".join(f"{part} row groups {groups[0]}-{groups[-1]}" for part, groups in json.loads(item))
-
-
-def _counted(tables: Iterator[pa.Table], bar) -> Iterator[pa.Table]:
-    for table in tables:
-        yield table
-        bar.update(1)
+def _describe_item(item: str) -> str:
+    return "shards: encoding " + "; ".join(f"{part} row groups {groups[0]}-{groups[-1]}" for part, groups in json.loads(item))
 
 
 def _per_row_group(blocks: Iterator[pa.Table], sizes: list[int]) -> Iterator[pa.Table]:
@@ -352,30 +332,51 @@ def _clean_ids(parts: list[Path]) -> list[str]:
     return [i for part in parts for i in pq.read_table(part, columns=["id"]).column("id").to_pylist()]
 
 
-def shards_fingerprint(cfg: PipelineConfig, tokenizer_sha256: str, clean_fp: str) -> str:
-    return fingerprint("shards", cfg.tokenizer.model_dump(mode="json"), tokenizer_sha256, clean_fp)
-
-
-FINGERPRINT_FILE = ".fingerprint"
-
-
-def _finished_shards(work: Path, fp: str) -> dict[str, dict[str, Any]]:
-    """Completion records left in ``work`` by an interrupted run with the same fingerprint.
-
-    Anything else there (another fingerprint, unrecorded or half-written files) is discarded.
-    """
-    if work.exists() and (
-        not (work / FINGERPRINT_FILE).exists() or (work / FINGERPRINT_FILE).read_text().strip() != fp
-    ):
-        shutil.rmtree(work)
+def _finished_shards(work: Path) -> dict[str, dict[str, Any]]:
+    """Completion records of the shards an interrupted run left in ``work`` (the stage's resumable
+    output, so the same fingerprint); any other file there, unrecorded or half-written, is removed."""
     (work / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
-    with naming_file(work / FINGERPRINT_FILE):
-        (work / FINGERPRINT_FILE).write_text(fp + "\n")
     records = {p.name[: -len(".json")]: read_json(p) for p in (work / PROGRESS_DIR).glob("*.arrow.json")}
     for stray in work.iterdir():
-        if stray.is_file() and stray.name not in records and stray.name != FINGERPRINT_FILE:
+        if stray.is_file() and stray.name not in records and stray.name != PARTIAL_FINGERPRINT:
             stray.unlink()
     return records
+
+
+def _tokenizer_model(paths: RunPaths) -> tuple[Path, dict[str, Any]]:
+    """The tokenizer stage's model and its meta.json, the model checked against the meta."""
+    completed_record(paths.tokenizer, "tokenizer")
+    meta = read_json(paths.tokenizer / "meta.json")
+    model_path = paths.tokenizer / MODEL_FILE
+    sha = sha256_file(model_path)
+    if sha != meta["sha256"]:
+        raise ValueError(f"{model_path}: sha256 {sha[:12]} does not match meta.json ({meta['sha256'][:12]})")
+    if int(meta["eos_id"]) != EOS_ID:
+        raise ValueError(f"{paths.tokenizer / 'meta.json'}: eos_id {meta['eos_id']}, expected {EOS_ID}; retrain the tokenizer")
+    return model_path, meta
+
+
+def _manifest(cfg: PipelineConfig, paths: RunPaths, meta: dict[str, Any], clean_fp: str, shards: dict[str, list]) -> dict[str, Any]:
+    """What the training loader reads: the shards per split, their token type and the tokenizer."""
+    tok = cfg.tokenizer
+    return {
+        "format": FORMAT,
+        "token_column": TOKEN_COLUMN,
+        "dtype": str(token_type(int(meta["vocab_size"]))),
+        "vocab_size": int(meta["vocab_size"]),
+        "eos_id": int(meta["eos_id"]),
+        "bos_id": int(meta["bos_id"]),
+        "pad_id": int(meta["pad_id"]),
+        "unk_id": int(meta["unk_id"]),
+        "tokenizer_sha256": meta["sha256"],
+        "tokenizer_path": os.path.relpath(paths.tokenizer / MODEL_FILE, paths.root),
+        "val_fraction": tok.val_fraction,
+        "seed": tok.seed,
+        "config": tok.model_dump(mode="json"),
+        "clean_fingerprint": clean_fp,
+        "splits": shards,
+        "totals": {s: _totals(shards[s]) for s in SPLITS},
+    }
 
 
 def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ShardsResult:
@@ -383,31 +384,14 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
     tok = cfg.tokenizer
     parts = clean_parts(paths)
     clean_fp = clean_stage_fingerprint(paths)
-    tok_record = read_stage_record(paths.tokenizer)
-    if tok_record is None:
-        raise FileNotFoundError(f"{paths.tokenizer}: the tokenizer stage has not completed; run it first")
-    meta = read_json(paths.tokenizer / "meta.json")
-    model_path = paths.tokenizer / MODEL_FILE
-    tok_sha = sha256_file(model_path)
-    if tok_sha != meta["sha256"]:
-        raise ValueError(f"{model_path}: sha256 {tok_sha[:12]} does not match meta.json ({meta['sha256'][:12]})")
-    fp = shards_fingerprint(cfg, tok_sha, clean_fp)
+    model_path, meta = _tokenizer_model(paths)
+    tok_sha = meta["sha256"]
+    stage = Stage("shards", paths.shards, tok.model_dump(mode="json"), tok_sha, clean_fp, force=force)
     manifest_path = paths.shards / "manifest.json"
-    if not force and stage_is_current(paths.shards, fp) and manifest_path.exists():
+    if stage.current() and manifest_path.exists():
         log.info("shards: tokenizer, corpus and settings unchanged, skipping (%s)", paths.shards)
-        m = read_json(manifest_path)
-        return ShardsResult(
-            manifest_path=manifest_path,
-            train_tokens=m["totals"]["train"]["tokens"],
-            val_tokens=m["totals"]["val"]["tokens"],
-            train_docs=m["totals"]["train"]["documents"],
-            val_docs=m["totals"]["val"]["documents"],
-            n_shards=m["totals"]["train"]["shards"] + m["totals"]["val"]["shards"],
-            skipped=True,
-        )
+        return ShardsResult.from_manifest(manifest_path, skipped=True)
 
-    if int(meta["eos_id"]) != EOS_ID:
-        raise ValueError(f"{paths.tokenizer / 'meta.json'}: eos_id {meta['eos_id']}, expected {EOS_ID}; retrain the tokenizer")
     vocab_size = int(meta["vocab_size"])
     schema = shard_schema(vocab_size)
     # The split is decided up front from the ids alone (cheap), so the empty-split fallback can see
@@ -416,29 +400,21 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
     splits = assign_splits(ids, tok.seed, tok.val_fraction)
     target_bytes = int(tok.shard_size_mb * (1 << 20))
 
-    import ray
-
-    # Shards go to a work directory that survives a crash; finished shards are recorded in it, so a
-    # rerun with the same fingerprint writes only the missing ones (it re-encodes, which is
-    # deterministic, to find the shard boundaries). On success the directory is renamed into place.
-    tmp = paths.shards.with_name(f".{paths.shards.name}.partial")
-    finished = _finished_shards(tmp, fp)
-    with ray_session(cfg.runtime):
+    # Finished shards are recorded in the resumable output, so a rerun with the same fingerprint
+    # writes only the missing ones (it re-encodes, which is deterministic, to find the boundaries).
+    with stage.outputs(paths.shards, resumable=True) as (tmp,), ray_runner(cfg.runtime) as runner:
+        finished = _finished_shards(tmp)
         writers = {s: ShardWriter(tmp, s, schema, target_bytes, finished) for s in SPLITS}
-        encode = ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(encode_row_groups)
-        model_args = (str(model_path.resolve()), tok_sha, vocab_size, ENCODE_THREADS)
-        items = work_items(parts, available_cpus())
         row = 0
         clean_ids = pa.array(ids, type=pa.string())
         is_val = np.array([s == "val" for s in splits], dtype=bool)
-        # The writers see one row group at a time, in clean order, however the tasks cut the
-        # corpus: a shard closes at the first row group that fills it, so its boundaries (and
-        # bytes) depend on the corpus alone.
-        encoded = in_order(lambda item: encode.remote(item, *model_args), items, window=2 * available_cpus())
+        # A shard closes at the first row group that fills it, so its boundaries (and bytes)
+        # depend on the corpus alone.
+        batches = encode_parts(parts, str(model_path.resolve()), tok_sha, vocab_size, runner)
         # Closed here, error or not, while Ray is up: its tasks are cancelled now, not when garbage
         # collection gets to it after ray.shutdown() (a Ray call then ends the whole process).
-        with contextlib.closing(encoded), tqdm(total=len(items), desc="tokenize", unit="task", disable=is_quiet()) as bar:
-            for batch in _per_row_group(_counted(encoded, bar), [n for part in parts for n in _row_group_rows(part)]):
+        with contextlib.closing(batches):
+            for batch in batches:
                 n = batch.num_rows
                 if not batch.column("id").equals(pa.chunked_array([clean_ids.slice(row, n)])):
                     raise RuntimeError(f"shards: encode tasks returned documents out of clean order near row {row}")
@@ -450,49 +426,15 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
         for w in writers.values():
             w.flush()
 
-        manifest = {
-            "format": FORMAT,
-            "token_column": TOKEN_COLUMN,
-            "dtype": str(token_type(vocab_size)),
-            "vocab_size": vocab_size,
-            "eos_id": int(meta["eos_id"]),
-            "bos_id": int(meta["bos_id"]),
-            "pad_id": int(meta["pad_id"]),
-            "unk_id": int(meta["unk_id"]),
-            "tokenizer_sha256": tok_sha,
-            "tokenizer_path": os.path.relpath(model_path, paths.root),
-            "val_fraction": tok.val_fraction,
-            "seed": tok.seed,
-            "config": tok.model_dump(mode="json"),
-            "clean_fingerprint": clean_fp,
-            "splits": {s: writers[s].shards for s in SPLITS},
-            "totals": {s: _totals(writers[s].shards) for s in SPLITS},
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
+        atomic_write_json(tmp / "manifest.json", _manifest(cfg, paths, meta, clean_fp, {s: writers[s].shards for s in SPLITS}))
         shutil.rmtree(tmp / PROGRESS_DIR)
-        (tmp / FINGERPRINT_FILE).unlink()
         reused = sum(w.reused for w in writers.values())
         if reused:
             log.info("shards: resumed, kept %d finished shard(s) from an interrupted run", reused)
-        if paths.shards.exists():
-            shutil.rmtree(paths.shards)
-        os.replace(tmp, paths.shards)
 
-    totals = manifest["totals"]
-    result = ShardsResult(
-        manifest_path=manifest_path,
-        train_tokens=totals["train"]["tokens"],
-        val_tokens=totals["val"]["tokens"],
-        train_docs=totals["train"]["documents"],
-        val_docs=totals["val"]["documents"],
-        n_shards=totals["train"]["shards"] + totals["val"]["shards"],
-        elapsed_s=round(time.monotonic() - start, 3),
-    )
-    summary = result.to_dict()
-    summary.pop("skipped")
-    summary["manifest_sha256"] = sha256_file(manifest_path)
-    mark_stage_done(paths.shards, fp, summary)
-    log.info("shards: %s", summary)
+    result = ShardsResult.from_manifest(manifest_path, elapsed_s=round(time.monotonic() - start, 3))
+    stage.done({**result.to_dict(), "manifest_sha256": sha256_file(manifest_path)})
+    log.info("shards: %s", result)
     return result
 
 

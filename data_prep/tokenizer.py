@@ -32,18 +32,9 @@ from typing import Any, Iterator
 import pyarrow.parquet as pq
 
 from data_prep.ray_runtime import is_quiet
-from pretrain_pipeline.artifacts import (
-    RunPaths,
-    atomic_path,
-    atomic_write_json,
-    fingerprint,
-    mark_stage_done,
-    read_json,
-    read_stage_record,
-    sha256_file,
-    stage_is_current,
-)
+from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, read_json, read_stage_record, sha256_file
 from pretrain_pipeline.config import PipelineConfig, TokenizerConfig
+from pretrain_pipeline.stage import Stage, completed_record
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +67,7 @@ class TokenizerResult:
 
 
 def clean_parts(paths: RunPaths) -> list[Path]:
-    record = read_stage_record(paths.clean)
-    if record is None:
-        raise FileNotFoundError(f"{paths.clean}: the clean stage has not completed (no _SUCCESS.json); run it first")
+    completed_record(paths.clean, "clean")
     parts = sorted(paths.clean.glob("part-*.parquet"))
     if not parts:
         raise ValueError(f"{paths.clean}: no document survived cleaning; see {paths.clean / 'stats.json'}")
@@ -86,15 +75,12 @@ def clean_parts(paths: RunPaths) -> list[Path]:
 
 
 def clean_stage_fingerprint(paths: RunPaths) -> str:
-    record = read_stage_record(paths.clean)
-    if record is None:
-        raise FileNotFoundError(f"{paths.clean}: the clean stage has not completed (no _SUCCESS.json); run it first")
-    return record["fingerprint"]
+    return completed_record(paths.clean, "clean")["fingerprint"]
 
 
-def tokenizer_fingerprint(tok: TokenizerConfig, clean_fp: str) -> str:
-    settings = {k: v for k, v in tok.model_dump(mode="json").items() if k not in NOT_TRAINING_FIELDS}
-    return fingerprint("tokenizer", settings, clean_fp)
+def training_config(tok: TokenizerConfig) -> dict[str, Any]:
+    """The tokenizer settings that shape the trained model (the stage's config section)."""
+    return {k: v for k, v in tok.model_dump(mode="json").items() if k not in NOT_TRAINING_FIELDS}
 
 
 def iter_texts(parts: list[Path], batch_size: int = 1024) -> Iterator[str]:
@@ -226,9 +212,8 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
     out_dir = paths.tokenizer
     parts = clean_parts(paths)
     clean_fp = clean_stage_fingerprint(paths)
-    fp = tokenizer_fingerprint(tok, clean_fp)
-    if not force and stage_is_current(out_dir, fp):
-        record = read_stage_record(out_dir)
+    stage = Stage("tokenizer", out_dir, training_config(tok), clean_fp, force=force)
+    if record := stage.current():
         log.info("tokenizer: clean corpus and settings unchanged, skipping (%s)", out_dir)
         return TokenizerResult(
             model_path=out_dir / MODEL_FILE,
@@ -246,7 +231,7 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
 
     import sentencepiece as spm
 
-    with atomic_path(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="spm-") as scratch:
+    with stage.outputs(out_dir) as (tmp,), tempfile.TemporaryDirectory(prefix="spm-") as scratch:
         tmp.mkdir(parents=True)
         sample_file = Path(scratch) / "sample.txt"
         with open(sample_file, "w", encoding="utf-8") as f:
@@ -279,10 +264,7 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
         training_lines=len(lines),
         elapsed_s=round(time.monotonic() - start, 3),
     )
-    summary = result.to_dict()
-    summary.pop("skipped")
-    summary["clean_fingerprint"] = clean_fp
-    mark_stage_done(out_dir, fp, summary)
+    stage.done({**result.to_dict(), "clean_fingerprint": clean_fp})
     log.info("tokenizer: vocab %d, sha256 %s", result.vocab_size, sha[:12])
     return result
 
@@ -320,7 +302,7 @@ def reuse_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
     out_dir = paths.tokenizer
     src, src_meta = source_tokenizer(cfg)
     sha = src_meta["sha256"]
-    fp = fingerprint("tokenizer", {"from_run": name}, sha)
+    stage = Stage("tokenizer", out_dir, {"from_run": name}, sha, force=force)
     result = TokenizerResult(
         model_path=out_dir / MODEL_FILE,
         vocab_path=out_dir / VOCAB_FILE,
@@ -328,12 +310,12 @@ def reuse_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
         sha256=sha,
         from_run=name,
     )
-    if not force and stage_is_current(out_dir, fp):
+    if stage.current():
         log.info("tokenizer: still the tokenizer of run %r, skipping (%s)", name, out_dir)
         result.skipped = True
         return result
 
-    with atomic_path(out_dir) as tmp:
+    with stage.outputs(out_dir) as (tmp,):
         tmp.mkdir(parents=True)
         for file in (MODEL_FILE, VOCAB_FILE):
             if (src / file).exists():
@@ -345,8 +327,6 @@ def reuse_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
         atomic_write_json(tmp / "meta.json", meta)
 
     result.elapsed_s = round(time.monotonic() - start, 3)
-    summary = result.to_dict()
-    summary.pop("skipped")
-    mark_stage_done(out_dir, fp, summary)
+    stage.done(result.to_dict())
     log.info("tokenizer: reused run %r's tokenizer (vocab %d, sha256 %s)", name, result.vocab_size, sha[:12])
     return result

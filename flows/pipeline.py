@@ -189,20 +189,13 @@ def pretrain_pipeline(config: PipelineConfig, force: list[str] | None = None) ->
     ``force`` lists stages to redo even when their outputs are current ("all" for every stage);
     stages after a redone one notice their inputs changed and redo themselves.
     """
-    force_set = set(force or [])
-    unknown = force_set - set(stages.STAGES) - {"all"}
-    if unknown:
-        raise ValueError(f"unknown stage(s) to force: {sorted(unknown)}; stages are {stages.STAGES}")
-
-    def forced(name: str) -> bool:
-        return name in force_set or "all" in force_set
-
+    forced = stages.forced_stages(force or ())
     results: dict[str, Any] = {
-        "clean": clean_task(config, forced("clean")),
-        "tokenize": tokenize_task(config, forced("tokenize")),
-        "train": train_task(config, forced("train")),
-        "evaluate": evaluate_task(config, forced("evaluate")),
-        "export": export_task(config, forced("export")),
+        "clean": clean_task(config, "clean" in forced),
+        "tokenize": tokenize_task(config, "tokenize" in forced),
+        "train": train_task(config, "train" in forced),
+        "evaluate": evaluate_task(config, "evaluate" in forced),
+        "export": export_task(config, "export" in forced),
     }
     results["report"] = report_task(config)
     return results

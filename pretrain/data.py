@@ -38,6 +38,10 @@ def read_shard_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return column.values.to_numpy(zero_copy_only=True), column.offsets.to_numpy()
 
 
+def _int_entry(key: str) -> property:
+    return property(lambda self: int(self.raw[key]), doc=f"The manifest's ``{key}``.")
+
+
 @dataclass(frozen=True)
 class Manifest:
     path: Path
@@ -48,21 +52,10 @@ class Manifest:
         # manifest lives in runs/<name>/shards/; tokenizer_path is relative to runs/<name>/
         return self.path.parent.parent
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.raw["vocab_size"])
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.raw["eos_id"])
-
-    @property
-    def bos_id(self) -> int:
-        return int(self.raw["bos_id"])
-
-    @property
-    def pad_id(self) -> int:
-        return int(self.raw["pad_id"])
+    vocab_size = _int_entry("vocab_size")
+    eos_id = _int_entry("eos_id")
+    bos_id = _int_entry("bos_id")
+    pad_id = _int_entry("pad_id")
 
     @property
     def tokenizer_path(self) -> Path:

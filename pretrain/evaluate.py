@@ -19,18 +19,11 @@ import torch
 
 from pretrain.checkpoint import TAG_RE, latest_tag, load_consolidated_state_dict
 from pretrain.data import Manifest, TokenStream, load_manifest
+from pretrain.device import resolve_device
 from pretrain.model import GPT, resolve_vocab_size
-from pretrain_pipeline.artifacts import (
-    RunPaths,
-    atomic_write_json,
-    fingerprint,
-    mark_stage_done,
-    read_json,
-    read_stage_record,
-    sha256_file,
-    stage_is_current,
-)
+from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, read_json, read_stage_record, sha256_file
 from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.stage import Stage
 
 
 @dataclass
@@ -212,11 +205,13 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalR
     train_record = read_stage_record(paths.train) or {}
     tag = latest_tag(paths.checkpoints)
     tasks_sha = task_files_sha256(cfg.eval.lm_eval_include_path) if cfg.eval.lm_eval_tasks else None
-    fp = fingerprint(cfg.eval.model_dump(mode="json"), train_record.get("fingerprint"), tag, tasks_sha)
-    if not force and stage_is_current(paths.eval, fp):
+    stage = Stage("evaluate", paths.eval, cfg.eval.model_dump(mode="json"), train_record.get("fingerprint"), tag,
+                  tasks_sha, force=force)
+    if stage.current():
         return EvalResult(**{**read_json(paths.eval / "eval.json")["result"], "skipped": True})
 
-    device = "cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu"
+    # train.device: cuda is only a preference here: evaluation may run where the training GPUs are not.
+    device = resolve_device("cpu" if cfg.train.device == "cpu" else "auto")
     model, tag, manifest = load_model(cfg, paths, tag)
     model.to(device)
     manifest.verify(("val",))
@@ -241,7 +236,7 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalR
             "checkpoint_sha256": result.checkpoint_sha256,
             "config_sha256": cfg.fingerprint(),
             "eval_config_sha256": cfg.eval.fingerprint(),
-            "fingerprint": fp,
+            "fingerprint": stage.fingerprint,
             "train_fingerprint": train_record.get("fingerprint"),
             "model_config_fingerprint": cfg.model.fingerprint(),
             "manifest": str(manifest.path),
@@ -252,5 +247,5 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalR
             "control tokens 0, the dummy-prefix space at each document start excluded)",
         },
     )
-    mark_stage_done(paths.eval, fp, {"checkpoint_tag": tag, "loss": result.loss, "bits_per_byte": result.bits_per_byte})
+    stage.done({"checkpoint_tag": tag, "loss": result.loss, "bits_per_byte": result.bits_per_byte})
     return result

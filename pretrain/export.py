@@ -9,7 +9,6 @@ reproduce the HF logits under onnxruntime, the GGUF file ours through transforme
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 from collections.abc import Mapping
@@ -23,18 +22,9 @@ from pretrain.evaluate import load_model
 from pretrain.hf_convert import hf_config, hf_extra_tensors, hf_family, hf_tensors
 from pretrain.model import GPT
 from pretrain_pipeline import __version__
-from pretrain_pipeline.artifacts import (
-    RunPaths,
-    atomic_path,
-    fingerprint,
-    mark_stage_done,
-    naming_file,
-    read_json,
-    read_stage_record,
-    sha256_file,
-    stage_is_current,
-)
+from pretrain_pipeline.artifacts import RunPaths, naming_file, read_json, read_stage_record, sha256_file
 from pretrain_pipeline.config import ModelConfig, PipelineConfig
+from pretrain_pipeline.stage import Stage
 
 LOGITS_ATOL = 1e-4
 
@@ -148,7 +138,7 @@ def model_card(
         f"# {cfg.runtime.run_name}",
         "",
         f"A {family}-architecture causal language model trained from scratch with pretrain-pipeline "
-        f"{__version__} (DeepSpeed ZeRO-{cfg.train.zero_stage}), exported from checkpoint `{tag}`. "
+        f"{__version__} (DeepSpeed ZeRO-{cfg.train.zero.stage}), exported from checkpoint `{tag}`. "
         f"The reloaded export matches the training model's logits within {diff:.2e} (fp32).",
         "",
         "## Architecture",
@@ -296,6 +286,54 @@ def hf_tokenizer_for(manifest):
     )
 
 
+def write_hf_files(cfg: PipelineConfig, manifest, vocab_size: int, out_dir: Path) -> None:
+    """config.json, generation_config.json and the tokenizer files next to the weights in ``out_dir``."""
+    from transformers import GenerationConfig
+
+    # transformers writes several small files per call: a full disk is reported as the folder.
+    with naming_file(out_dir):
+        hf_config(cfg.model, manifest.bos_id, manifest.eos_id, manifest.pad_id, vocab_size).save_pretrained(out_dir)
+        GenerationConfig(
+            bos_token_id=manifest.bos_id, eos_token_id=manifest.eos_id, pad_token_id=manifest.pad_id,
+            do_sample=cfg.eval.temperature > 0, temperature=cfg.eval.temperature or None,
+            top_k=cfg.eval.top_k or None, max_new_tokens=cfg.eval.max_new_tokens,
+        ).save_pretrained(out_dir)
+        tok = hf_tokenizer_for(manifest)
+        tok.model_max_length = cfg.model.block_size
+        tok.save_pretrained(out_dir)
+        # The generic class name loads in transformers 4.x as well as 5.x (which aliases it).
+        tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+        tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+
+
+def check_exports(
+    cfg: PipelineConfig, model: GPT, hf_dir: Path, gguf_file: Path | None, sample: torch.Tensor, vocab_size: int
+) -> tuple[float, float | None, float | None]:
+    """Max |logit diff| against our model of the HF folder, of its ONNX graph (written here, from the
+    reloaded HF model) and of the GGUF file; each must be within ``LOGITS_ATOL``."""
+    hf_model = load_export(hf_dir)
+    diff = verify_export(hf_dir, model, sample, hf=hf_model)
+    onnx_diff = gguf_diff = None
+    if cfg.export.onnx:
+        from pretrain.onnx_export import check_onnx, export_onnx
+
+        with naming_file(hf_dir / "onnx" / "model.onnx"):
+            onnx_path = export_onnx(hf_model, hf_dir / "onnx" / "model.onnx", sample, opset=cfg.export.onnx_opset)
+        # A different shape from the traced one, so a graph frozen to the example fails here.
+        check_sample = torch.randint(0, vocab_size, (3, min(11, cfg.model.block_size)), generator=torch.Generator().manual_seed(1))
+        onnx_diff = check_onnx(onnx_path, hf_model, check_sample)
+    del hf_model
+    if gguf_file is not None:
+        from pretrain.gguf_export import check_gguf, f16_rounded_
+
+        # An f16 file holds our matrices rounded to f16: compare with exactly that, as sharply as f32.
+        # (In place: the caller uses the model only for its shape after this.)
+        reference = f16_rounded_(model) if cfg.export.gguf_dtype == "f16" else model
+        gguf_diff = check_gguf(gguf_file, reference, sample, LOGITS_ATOL)
+    return diff, onnx_diff, gguf_diff
+
+
 def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportResult:
     """Write export/hf (and export/gguf), then check each against our model.
 
@@ -303,8 +341,6 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
     are our model and each reloaded export held, for the logit checks: two model copies at most.
     """
     import shutil
-
-    from transformers import GenerationConfig
 
     from pretrain.checkpoint import latest_tag, load_consolidated_state_dict
     from pretrain.data import load_manifest
@@ -318,9 +354,9 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
     tag = latest_tag(paths.checkpoints)
     train_fp = (read_stage_record(paths.train) or {}).get("fingerprint")
     eval_fp = (read_stage_record(paths.eval) or {}).get("fingerprint")
-    fp = fingerprint(cfg.export.model_dump(mode="json"), train_fp, eval_fp, tag)
-    if not force and stage_is_current(paths.export, fp):
-        return ExportResult(**{**(read_stage_record(paths.export) or {})["result"], "skipped": True})
+    stage = Stage("export", paths.export, cfg.export.model_dump(mode="json"), train_fp, eval_fp, tag, force=force)
+    if record := stage.current():
+        return ExportResult(**{**record["result"], "skipped": True})
     if tag is None:
         raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run the train stage first")
 
@@ -328,58 +364,24 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
     vocab_size = resolve_vocab_size(cfg.model, manifest.vocab_size)
     sample = torch.randint(0, vocab_size, (2, min(16, cfg.model.block_size)), generator=torch.Generator().manual_seed(0))
     hf_dir, gguf_dir = paths.export / "hf", paths.export / "gguf"
-    paths.export.mkdir(parents=True, exist_ok=True)
-    onnx_diff = gguf_diff = None
     # No GGUF: nothing to rename into place (a stale one is removed below).
-    gguf_target = atomic_path(gguf_dir) if cfg.export.gguf else contextlib.nullcontext(None)
-    with atomic_path(hf_dir) as tmp, gguf_target as gguf_tmp:
+    with stage.outputs(hf_dir, gguf_dir if cfg.export.gguf else None) as (tmp, gguf_tmp):
+        gguf_file = gguf_tmp / "model.gguf" if gguf_tmp else None
         state = load_consolidated_state_dict(paths.checkpoints, tag, lazy=True)
         write_hf_weights(state, cfg.model, tmp, cfg.export.max_shard_size)
-        if cfg.export.gguf:
+        if gguf_file:
             from pretrain.gguf_export import write_gguf
 
-            with naming_file(gguf_tmp / "model.gguf"):
+            with naming_file(gguf_file):
                 write_gguf(
-                    gguf_tmp / "model.gguf", cfg.model, state, manifest.tokenizer_path, name=cfg.runtime.run_name,
+                    gguf_file, cfg.model, state, manifest.tokenizer_path, name=cfg.runtime.run_name,
                     bos_id=manifest.bos_id, eos_id=manifest.eos_id, pad_id=manifest.pad_id, dtype=cfg.export.gguf_dtype,
                 )
         del state
-        # transformers writes several small files per call: a full disk is reported as the folder.
-        with naming_file(tmp):
-            hf_config(cfg.model, manifest.bos_id, manifest.eos_id, manifest.pad_id, vocab_size).save_pretrained(tmp)
-            GenerationConfig(
-                bos_token_id=manifest.bos_id, eos_token_id=manifest.eos_id, pad_token_id=manifest.pad_id,
-                do_sample=cfg.eval.temperature > 0, temperature=cfg.eval.temperature or None,
-                top_k=cfg.eval.top_k or None, max_new_tokens=cfg.eval.max_new_tokens,
-            ).save_pretrained(tmp)
-            tok = hf_tokenizer_for(manifest)
-            tok.model_max_length = cfg.model.block_size
-            tok.save_pretrained(tmp)
-            # The generic class name loads in transformers 4.x as well as 5.x (which aliases it).
-            tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text())
-            tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-
+        write_hf_files(cfg, manifest, vocab_size, tmp)
         model, tag, manifest = load_model(cfg, paths, tag)
-        hf_model = load_export(tmp)
-        diff = verify_export(tmp, model, sample, hf=hf_model)
-        if cfg.export.onnx:
-            from pretrain.onnx_export import check_onnx, export_onnx
-
-            with naming_file(tmp / "onnx" / "model.onnx"):
-                onnx_path = export_onnx(hf_model, tmp / "onnx" / "model.onnx", sample, opset=cfg.export.onnx_opset)
-            # A different shape from the traced one, so a graph frozen to the example fails here.
-            check_sample = torch.randint(0, vocab_size, (3, min(11, cfg.model.block_size)), generator=torch.Generator().manual_seed(1))
-            onnx_diff = check_onnx(onnx_path, hf_model, check_sample)
-        del hf_model
         params = model.num_params(non_embedding=False)
-        if cfg.export.gguf:
-            from pretrain.gguf_export import check_gguf, f16_rounded_
-
-            # An f16 file holds our matrices rounded to f16: compare with exactly that, as sharply as f32.
-            # (In place: the model is not used for anything else after this.)
-            reference = f16_rounded_(model) if cfg.export.gguf_dtype == "f16" else model
-            gguf_diff = check_gguf(gguf_tmp / "model.gguf", reference, sample, LOGITS_ATOL)
+        diff, onnx_diff, gguf_diff = check_exports(cfg, model, tmp, gguf_file, sample, vocab_size)
         card = model_card(cfg, paths, model, tag, manifest, diff, onnx_diff, gguf_diff)
         with naming_file(tmp / "README.md"):
             (tmp / "README.md").write_text(card)
@@ -391,5 +393,5 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
         onnx_max_abs_logit_diff=onnx_diff, gguf_path=str(gguf_dir / "model.gguf") if gguf_diff is not None else None,
         gguf_max_abs_logit_diff=gguf_diff,
     )
-    mark_stage_done(paths.export, fp, {"result": result.to_dict(), "checkpoint_tag": tag})
+    stage.done({"result": result.to_dict(), "checkpoint_tag": tag})
     return result

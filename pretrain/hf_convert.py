@@ -119,26 +119,3 @@ def hf_tensors(cfg: ModelConfig, name: str, value: torch.Tensor) -> list[tuple[s
 def hf_extra_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Tensors transformers has and we do not (GPT-2's biases when ``bias: false``)."""
     return _gpt2_zero_biases(cfg) if hf_family(cfg) == "gpt2" else {}
-
-
-def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our weights (fp32, CPU) under the transformers names of ``hf_family(model.config)``."""
-    out: dict[str, torch.Tensor] = {}
-    for name, value in model.state_dict().items():
-        out.update(hf_tensors(model.config, name, value.detach().float().cpu().clone()))
-    return {**out, **hf_extra_tensors(model.config)}
-
-
-def to_hf_model(model: GPT, bos_id: int, eos_id: int, pad_id: int):
-    """A transformers model (eval mode, fp32) holding exactly our weights; every weight is checked."""
-    from transformers import AutoModelForCausalLM
-
-    config = hf_config(model, bos_id, eos_id, pad_id)
-    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
-    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"{hf_family(model.config)} mapping incomplete: missing {missing}, unexpected {unexpected}")
-    if model.config.tie_embeddings:
-        hf.tie_weights()
-    return hf.eval()

@@ -20,18 +20,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from pretrain_pipeline.artifacts import (
-    RunPaths,
-    atomic_write_text,
-    fingerprint,
-    mark_stage_done,
-    project_state_dir,
-    read_json,
-    read_stage_record,
-    sha256_file,
-    stage_is_current,
-)
-from pretrain_pipeline.config import PipelineConfig, dump_config
+from pretrain.device import resolve_device
+from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, project_state_dir, read_json, sha256_file
+from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.stage import Stage, prepare_run
 
 # Below Prefect runner's 30 s between SIGTERM and SIGKILL of a cancelled flow run, so the flow
 # process still lives to SIGKILL the training group if the ranks ignore SIGTERM.
@@ -57,7 +49,8 @@ class TrainResult:
         return asdict(self)
 
 
-def train_fingerprint(cfg: PipelineConfig, paths: RunPaths) -> str:
+def train_stage(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> Stage:
+    """Training reads the model and train sections and the shard manifests it samples from."""
     manifest = paths.shards / "manifest.json"
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} not found: run the shards stage first")
@@ -68,18 +61,9 @@ def train_fingerprint(cfg: PipelineConfig, paths: RunPaths) -> str:
     if missing:
         raise FileNotFoundError(f"train.data_mixture sources without shards under {runs_root}: {missing}")
     source_hashes = {n: sha256_file(runs_root / n / "shards" / "manifest.json") for n in sources}
-    return fingerprint(
-        cfg.model.model_dump(mode="json"), cfg.train.model_dump(mode="json"), sha256_file(manifest),
-        *([source_hashes] if source_hashes else []),
-    )
-
-
-def resolve_device(cfg: PipelineConfig) -> str:
-    if cfg.train.device != "auto":
-        return cfg.train.device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    config = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}
+    inputs = [sha256_file(manifest), *([source_hashes] if source_hashes else [])]
+    return Stage("train", paths.train, config, *inputs, force=force)
 
 
 def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
@@ -91,32 +75,32 @@ def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
     over pdsh, or ``--no_ssh`` with one command per node (Kubernetes, Slurm ``srun``).
     """
     tc = cfg.train
-    if tc.launcher == "ray":
-        raise ValueError("train.launcher=ray starts no command: pretrain.ray_launch.train_on_ray runs it")
+    if tc.launch.launcher == "ray":
+        raise ValueError("train.launch.launcher=ray starts no command: pretrain.ray_launch.train_on_ray runs it")
     target = ["--run-dir", str(paths.root.resolve())]
-    rendezvous = ["--master_addr", tc.master_addr, "--master_port", str(tc.master_port)]
-    if tc.launcher == "deepspeed":
+    rendezvous = ["--master_addr", tc.launch.master_addr, "--master_port", str(tc.launch.master_port)]
+    if tc.launch.launcher == "deepspeed":
         launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
         cmd = [launcher]
-        if tc.hostfile:
-            if not Path(tc.hostfile).is_file():
-                raise FileNotFoundError(f"train.hostfile={tc.hostfile} not found")
-            cmd += ["--hostfile", tc.hostfile]
-        elif tc.nnodes > 1:
-            raise ValueError("train.launcher=deepspeed with train.nnodes > 1 needs train.hostfile")
-        cmd += ["--num_nodes", str(tc.nnodes), "--num_gpus", str(tc.nproc_per_node)]
-        if tc.no_ssh:
-            cmd += ["--no_ssh", "--node_rank", str(tc.node_rank)]
-        if tc.nnodes > 1 or tc.no_ssh:
+        if tc.launch.hostfile:
+            if not Path(tc.launch.hostfile).is_file():
+                raise FileNotFoundError(f"train.launch.hostfile={tc.launch.hostfile} not found")
+            cmd += ["--hostfile", tc.launch.hostfile]
+        elif tc.launch.nnodes > 1:
+            raise ValueError("train.launch.launcher=deepspeed with nnodes > 1 needs train.launch.hostfile")
+        cmd += ["--num_nodes", str(tc.launch.nnodes), "--num_gpus", str(tc.launch.nproc_per_node)]
+        if tc.launch.no_ssh:
+            cmd += ["--no_ssh", "--node_rank", str(tc.launch.node_rank)]
+        if tc.launch.nnodes > 1 or tc.launch.no_ssh:
             cmd += rendezvous
         # --module: the deepspeed launcher runs "python -m" on what follows.
-        return cmd + ["--module", "pretrain.train", *target]
-    ranks = ["--nproc_per_node", str(tc.nproc_per_node), "-m", "pretrain.train", *target]
-    if tc.nnodes == 1:
+        return cmd + ["--module", "pretrain.trainer", *target]
+    ranks = ["--nproc_per_node", str(tc.launch.nproc_per_node), "-m", "pretrain.trainer", *target]
+    if tc.launch.nnodes == 1:
         return [sys.executable, "-m", "pretrain.launch", *ranks]
     # Static rendezvous: every node is told the same master and its own rank.
     return [sys.executable, "-m", "torch.distributed.run",
-            "--nnodes", str(tc.nnodes), "--node_rank", str(tc.node_rank), *rendezvous, *ranks]
+            "--nnodes", str(tc.launch.nnodes), "--node_rank", str(tc.launch.node_rank), *rendezvous, *ranks]
 
 
 def loopback_torchrun(argv: list[str]) -> None:
@@ -157,11 +141,11 @@ def loopback_interface() -> str:
 
 def build_env(cfg: PipelineConfig) -> dict[str, str]:
     env = dict(os.environ)
-    if resolve_device(cfg) == "cpu":
+    if resolve_device(cfg.train.device) == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         # DeepSpeed's CPU accelerator otherwise runs `numactl --hardware` for its device count on
         # every ZeRO-3 gradient reduce.
-        env.setdefault("LOCAL_SIZE", str(cfg.train.nproc_per_node))
+        env.setdefault("LOCAL_SIZE", str(cfg.train.launch.nproc_per_node))
     # A parent's W&B service (Prefect, pytest) would keep a killed rank's run id "in use" until the
     # parent exits; each training run starts its own.
     env.pop("WANDB_SERVICE", None)
@@ -173,10 +157,10 @@ def build_env(cfg: PipelineConfig) -> dict[str, str]:
     # containers and taskset narrow, unlike os.cpu_count()) shared among the local ranks.
     if not env.get("OMP_NUM_THREADS"):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cpus // cfg.train.nproc_per_node))
+        env["OMP_NUM_THREADS"] = str(max(1, cpus // cfg.train.launch.nproc_per_node))
     env["WANDB_MODE"] = cfg.tracking.wandb_mode
     env["PYTHONUNBUFFERED"] = "1"
-    if cfg.train.nnodes == 1 and cfg.train.launcher != "ray":
+    if cfg.train.launch.nnodes == 1 and cfg.train.launch.launcher != "ray":
         # One node: gloo's and NCCL's bootstrap sockets stay on loopback, like the rendezvous
         # (loopback_torchrun). A setting the caller made wins.
         lo = loopback_interface()
@@ -233,7 +217,7 @@ def write_deepspeed_env(cfg: PipelineConfig, paths: RunPaths, env: dict[str, str
     """For a pdsh launch, write the env file into ``train/`` and point ``DS_ENV_FILE`` at it (an
     absolute name: DeepSpeed joins it to ``~`` and ``.``, so both lookups find this one file)."""
     tc = cfg.train
-    if tc.launcher != "deepspeed" or not tc.hostfile or tc.no_ssh:
+    if tc.launch.launcher != "deepspeed" or not tc.launch.hostfile or tc.launch.no_ssh:
         return None
     path = (paths.train / "deepspeed_env").resolve()
     # DeepSpeed splits every line at "=": no comments, no blank lines.
@@ -291,15 +275,14 @@ def run_streaming(cmd: list[str], env: dict[str, str], log_path: Path, log: Call
     return rc
 
 
-def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callable[[str], Any] = print) -> TrainResult:
-    fp = train_fingerprint(cfg, paths)
-    if not force and stage_is_current(paths.train, fp):
-        record = read_stage_record(paths.train) or {}
-        log(f"train: current (fingerprint {fp[:12]}), skipping")
+def launch_training(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callable[[str], Any] = print) -> TrainResult:
+    stage = train_stage(cfg, paths, force)
+    if record := stage.current():
+        log(f"train: current (fingerprint {stage.fingerprint[:12]}), skipping")
         return TrainResult(**{**record.get("result", {}), "skipped": True})
     # Only node 0 owns the run directory (config, checkpoints, stage record); other nodes share it
     # (or hold a copy) and just start their ranks.
-    leader = cfg.train.node_rank == 0
+    leader = cfg.train.launch.node_rank == 0
     # Refuse a run that cannot fit before any process starts (and before config.yaml changes).
     from pretrain.plan import check_fits, make_plan, plan_vocab_size
 
@@ -308,17 +291,15 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
     for line in plan.lines():
         log(f"train: plan: {line}")
     # The ranks read config.yaml; make sure it says what this call was given.
-    resolved = dump_config(cfg)
-    if not paths.config.exists() or (leader and paths.config.read_text() != resolved):
-        atomic_write_text(paths.config, resolved)
+    prepare_run(cfg, paths)
     if leader and cfg.train.resume == "never" and paths.checkpoints.exists():
         # Set aside rather than delete: old tags would otherwise mix with (and be pruned as) new ones.
         aside = paths.root / f"checkpoints.old-{time.strftime('%Y%m%d-%H%M%S')}"
         paths.checkpoints.rename(aside)
         log(f"train: resume=never, previous checkpoints moved to {aside}")
     paths.train.mkdir(parents=True, exist_ok=True)
-    if cfg.train.launcher == "ray":
-        # One driver places every rank through Ray Train; the workers run the same pretrain.train.run.
+    if cfg.train.launch.launcher == "ray":
+        # One driver places every rank through Ray Train; the workers run the same pretrain.trainer.Trainer.
         from pretrain.ray_launch import train_on_ray
 
         train_on_ray(cfg, paths, log)
@@ -328,7 +309,7 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
         cmd = build_command(cfg, paths)
         write_deepspeed_env(cfg, paths, env, log)
         log("train: " + " ".join(cmd))
-        log_name = "launcher.log" if leader else f"launcher-node{cfg.train.node_rank}.log"
+        log_name = "launcher.log" if leader else f"launcher-node{cfg.train.launch.node_rank}.log"
         run_streaming(cmd, env, paths.train / log_name, log, cwd=Path(__file__).resolve().parent.parent)
     if not leader:
         # Global rank 0 (on node 0) writes the summary and node 0's launcher the stage record.
@@ -347,7 +328,7 @@ def train(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callab
         wandb_run_id=summary.get("wandb_run_id"),
         wandb_dir=summary.get("wandb_dir"),
     )
-    mark_stage_done(paths.train, fp, {"result": result.to_dict(), "summary": summary})
+    stage.done({"result": result.to_dict(), "summary": summary})
     return result
 
 

@@ -83,7 +83,7 @@ def count_params(cfg: PipelineConfig, vocab_size: int) -> tuple[int, int, int]:
 
 def make_plan(cfg: PipelineConfig, vocab_size: int, world_size: int | None = None) -> Plan:
     tc, mc = cfg.train, cfg.model
-    world = world_size or tc.nproc_per_node * tc.nnodes
+    world = world_size or tc.launch.nproc_per_node * tc.launch.nnodes
     n, n_total, fpt = count_params(cfg, vocab_size)
     half = tc.precision in ("bf16", "fp16")
     # Adam moments (8 bytes) plus, under ZeRO (any precision), DeepSpeed's separate fp32 master
@@ -94,9 +94,9 @@ def make_plan(cfg: PipelineConfig, vocab_size: int, world_size: int | None = Non
     weights = n_total * w_bytes / (world if stage >= 3 else 1)
     grads = n_total * g_bytes / (world if stage >= 2 else 1)
     optim = n_total * o_bytes / (world if stage >= 1 else 1)
-    if tc.offload_optimizer:
+    if tc.zero.offload_optimizer:
         optim = 0.0
-    if tc.offload_param and stage == 3:
+    if tc.zero.offload_param and stage == 3:
         weights = 0.0
     s, b, h, L = mc.block_size, tc.micro_batch_size, mc.n_embd, mc.n_layer
     act_unit = 1 if half else 2  # the 34sbh formula counts 16-bit activations
@@ -110,13 +110,13 @@ def make_plan(cfg: PipelineConfig, vocab_size: int, world_size: int | None = Non
     total = weights + grads + optim + activations
     tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * mc.block_size * world
     tokens = tokens_per_step * tc.max_steps
-    peak = peak_flops(tc.peak_tflops)
-    eta = tokens * fpt / (world * peak * tc.planned_mfu) / 3600 if peak else None
+    peak = peak_flops(tc.plan.peak_tflops)
+    eta = tokens * fpt / (world * peak * tc.plan.planned_mfu) / 3600 if peak else None
     return Plan(
         params=n, params_total=n_total, flops_per_token=fpt, world_size=world,
         weights_gb=weights / GiB, grads_gb=grads / GiB, optimizer_gb=optim / GiB, activations_gb=activations / GiB,
         total_gb=total / GiB, tokens_per_step=tokens_per_step, steps=tc.max_steps, tokens=tokens, eta_hours=eta,
-        device_memory_gb=tc.device_memory_gb, fits=not tc.device_memory_gb or total / GiB <= tc.device_memory_gb,
+        device_memory_gb=tc.plan.device_memory_gb, fits=not tc.plan.device_memory_gb or total / GiB <= tc.plan.device_memory_gb,
         zero_stage=zero_stage_note(tc, world),
     )
 
@@ -137,5 +137,5 @@ class PlanDoesNotFit(RuntimeError):
 def check_fits(plan: Plan) -> None:
     if not plan.fits:
         raise PlanDoesNotFit(
-            "refusing to launch: per-rank memory estimate exceeds train.device_memory_gb\n  " + "\n  ".join(plan.lines())
+            "refusing to launch: per-rank memory estimate exceeds train.plan.device_memory_gb\n  " + "\n  ".join(plan.lines())
         )

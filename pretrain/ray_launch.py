@@ -1,14 +1,14 @@
-"""``train.launcher: ray``: the torchrun ranks' training function, run by Ray Train across a Ray cluster.
+"""``train.launch.launcher: ray``: the torchrun ranks' training function, run by Ray Train across a Ray cluster.
 
 The driver (the CLI or the Prefect flow process) joins ``runtime.ray_address`` or starts a local
 Ray (``data_prep.ray_runtime.ray_session``, the one place that starts Ray), then a
 ``TorchTrainer`` starts ``nnodes * nproc_per_node`` workers. Ray Train creates the process group
 (gloo on CPU, NCCL on GPU) and sets the ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_*``
-variables torchrun would; each worker then runs ``pretrain.train.run`` on the run directory's
+variables torchrun would; each worker then runs ``pretrain.trainer.Trainer`` on the run directory's
 ``config.yaml``, exactly as a torchrun rank does (DeepSpeed finds the process group already up).
 
 Fault tolerance: when a worker dies, ``FailureConfig(max_failures)`` makes Ray Train tear down and
-restart the whole group, and ``run()`` resumes from the latest checkpoint in the run directory
+restart the whole group, and ``Trainer`` resumes from the latest checkpoint in the run directory
 (``train.resume: auto``). Ray Train's own checkpoint reporting is not used: our checkpoints already
 hold the data loader position and every RNG state, which is what makes the resume exact.
 
@@ -96,10 +96,10 @@ def _record_attempt(paths: RunPaths, device: str) -> None:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: what ``python -m pretrain.train --run-dir`` is to a torchrun rank."""
+    """One Ray Train worker: what ``python -m pretrain.trainer --run-dir`` is to a torchrun rank."""
     import torch
 
-    from pretrain.train import run
+    from pretrain.trainer import Trainer
     from pretrain_pipeline.config import load_config
 
     paths = RunPaths(Path(config["run_dir"]))
@@ -109,7 +109,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # Ray Train shows each node's workers all of that node's assigned GPUs, in local-rank order.
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     _record_attempt(paths, config["device"])
-    rc = run(cfg, paths)
+    rc = Trainer(cfg, paths).train()
     if rc != 0:
         raise RuntimeError(f"training rank stopped early (exit code {rc}); see {paths.train}")
 
@@ -118,7 +118,7 @@ def train_on_ray(cfg: PipelineConfig, paths: RunPaths, log: Callable[[str], Any]
     """Run the training function on the Ray cluster; returns when every step is done.
 
     Raises ``pretrain.launch.TrainingFailed`` when the run fails for good (more than
-    ``train.ray_max_failures`` restarts, or an error in the driver).
+    ``train.launch.ray_max_failures`` restarts, or an error in the driver).
     """
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -130,7 +130,7 @@ def train_on_ray(cfg: PipelineConfig, paths: RunPaths, log: Callable[[str], Any]
     tc = cfg.train
     with ray_session(cfg.runtime):
         device = cluster_device(cfg)
-        workers = tc.nnodes * tc.nproc_per_node
+        workers = tc.launch.nnodes * tc.launch.nproc_per_node
         env = worker_env(cfg, device)
         if "TORCH_EXTENSIONS_DIR" in env:
             Path(env["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
@@ -143,11 +143,11 @@ def train_on_ray(cfg: PipelineConfig, paths: RunPaths, log: Callable[[str], Any]
                 # Ray Train's own run state goes to train/ray_train/; our checkpoints stay in checkpoints/.
                 name="ray_train",
                 storage_path=str(paths.train.resolve()),
-                failure_config=FailureConfig(max_failures=tc.ray_max_failures),
+                failure_config=FailureConfig(max_failures=tc.launch.ray_max_failures),
                 worker_runtime_env={"env_vars": env},
             ),
         )
-        log(f"train: Ray Train TorchTrainer, {workers} workers on {device}, max_failures {tc.ray_max_failures}")
+        log(f"train: Ray Train TorchTrainer, {workers} workers on {device}, max_failures {tc.launch.ray_max_failures}")
         before = len(read_attempts(paths))
         stop = threading.Event()
         follower = threading.Thread(target=follow_metrics, args=(paths.metrics, log, stop), daemon=True)

@@ -1,8 +1,8 @@
 """Run directory layout, atomic writes and stage completion records.
 
-Every stage writes into a temporary name and renames into place; the last thing it writes is
-``_SUCCESS.json`` holding the fingerprint (config section + upstream hashes + code version) that
-made the outputs. A stage whose record matches the current fingerprint is skipped.
+The building blocks of the stage protocol (``pretrain_pipeline/stage.py``): a stage writes under
+temporary names and renames into place; the last thing it writes is ``_SUCCESS.json`` holding the
+fingerprint (config section + upstream hashes + code version) that made the outputs.
 """
 
 from __future__ import annotations
@@ -186,6 +186,14 @@ def remove_stale_temporaries(path: Path) -> None:
                 leftover.unlink(missing_ok=True)
 
 
+def replace_path(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` (a file or directory) to ``path``, replacing what is there."""
+    if path.is_dir() and tmp.is_dir():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it is renamed to ``path`` (file or directory)."""
@@ -199,10 +207,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink()
     try:
         yield tmp
-        if path.is_dir() and tmp.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        replace_path(tmp, path)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -231,11 +236,6 @@ def stage_is_current(stage_dir: str | Path, stage_fingerprint: str) -> bool:
 
 def mark_stage_done(stage_dir: str | Path, stage_fingerprint: str, summary: dict[str, Any]) -> None:
     atomic_write_json(Path(stage_dir) / SUCCESS_FILE, {"fingerprint": stage_fingerprint, **summary})
-
-
-def clear_stage_record(stage_dir: str | Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        (Path(stage_dir) / SUCCESS_FILE).unlink()
 
 
 def read_stage_record(stage_dir: str | Path) -> dict[str, Any] | None:

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(cfg, plan_vocab_size(cfg, RunPaths(cfg.run_dir())))
         print(json.dumps(plan.to_dict(), indent=2) if args.json else "\n".join(plan.lines()))
         if not plan.fits:
-            print(f"error: does not fit in train.device_memory_gb={cfg.train.device_memory_gb:g}", file=sys.stderr)
+            print(f"error: does not fit in train.plan.device_memory_gb={cfg.train.plan.device_memory_gb:g}", file=sys.stderr)
             return 3
         return 0
 

@@ -30,6 +30,148 @@ class Section(BaseModel):
         return hashlib.sha256(blob).hexdigest()
 
 
+def refuse_moved_keys(section: str, data: Any, moved: dict[str, str]) -> Any:
+    """Refuse keys that moved to another place, naming the new one, so an old YAML file or
+    ``--set`` override says where its setting lives now instead of only "extra inputs".
+
+    For a ``model_validator(mode="before")``: ``moved`` maps an old key of ``section`` to its new
+    dotted name, e.g. ``{"nproc_per_node": "train.launch.nproc_per_node"}``.
+    """
+    if isinstance(data, dict):
+        found = [f"{section}.{old} moved to {moved[old]}" for old in data if old in moved]
+        if found:
+            raise ValueError("; ".join(found))
+    return data
+
+
+class FilterSection(Section):
+    """One filter family: ``enabled`` plus its filter class's keyword arguments, under the same names.
+
+    The defaults live here, not in the filter classes: this is what runs, what the stage
+    fingerprint hashes and what the Prefect form shows.
+    """
+
+    def params(self) -> dict[str, Any]:
+        """Keyword arguments of the filter class (every field but ``enabled``)."""
+        return self.model_dump(exclude={"enabled"})
+
+
+class LanguageConfig(FilterSection):
+    """Language identification with py3langid (the model ships in the package): data_prep.langid."""
+
+    enabled: bool = Field(True, description="Drop documents not in `languages` (the language is then recorded).")
+    languages: list[str] = Field(
+        default_factory=lambda: ["en"], description="ISO 639-1 codes to keep; empty keeps every language."
+    )
+    threshold: float = Field(0.65, ge=0, le=1, description="Minimum language probability (FineWeb: 0.65).")
+
+
+class GopherRepetitionConfig(FilterSection):
+    """Gopher repetition rules (Rae et al. 2021): data_prep.filters.gopher_repetition."""
+
+    enabled: bool = Field(True, description="Apply the Gopher repetition rules.")
+    dup_line_frac: float = Field(0.3, ge=0, le=1, description="Max share of lines that are duplicates.")
+    dup_para_frac: float = Field(0.3, ge=0, le=1, description="Max share of paragraphs that are duplicates.")
+    dup_line_char_frac: float = Field(0.2, ge=0, le=1, description="Max share of characters in duplicate lines.")
+    dup_para_char_frac: float = Field(0.2, ge=0, le=1, description="Max share of characters in duplicate paragraphs.")
+    top_n_grams: dict[int, float] = Field(
+        default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
+        description="n -> max share of characters in the most frequent n-gram.",
+    )
+    dup_n_grams: dict[int, float] = Field(
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
+        description="n -> max share of characters in repeated n-grams.",
+    )
+
+
+class GopherQualityConfig(FilterSection):
+    """Gopher quality rules (Rae et al. 2021): data_prep.filters.gopher_quality."""
+
+    enabled: bool = Field(True, description="Apply the Gopher quality rules.")
+    min_words: int = Field(
+        5, ge=0, description="Drop documents with fewer words (Gopher: 50; lower keeps short documents such as docstrings)."
+    )
+    max_words: int = Field(100_000, ge=1, description="Drop documents with more words.")
+    min_mean_word_length: float = Field(3.0, ge=0, description="Drop if the mean word length is below.")
+    max_mean_word_length: float = Field(10.0, ge=0, description="Drop if the mean word length is above.")
+    max_symbol_to_word_ratio: float = Field(0.1, ge=0, description="Max '#' and '...' per word.")
+    min_alpha_word_fraction: float = Field(0.8, ge=0, le=1, description="Min share of words that contain a letter.")
+    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1, description="Max share of lines starting with a bullet.")
+    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1, description="Max share of lines ending with an ellipsis.")
+    min_stop_words: int = Field(2, ge=0, description="Minimum count of the, be, to, of, and, that, have, with.")
+
+
+class C4Config(FilterSection):
+    """C4 rules (Raffel et al. 2020): line rules rewrite the text, document rules drop it (data_prep.filters.c4)."""
+
+    enabled: bool = Field(
+        False,
+        description="Apply the C4 rules (off by default: they drop code, lists and documents under 5 "
+        "sentences, e.g. most of the docstring sample corpus).",
+    )
+    min_words_per_line: int = Field(3, ge=0, description="Drop lines with fewer words.")
+    min_sentences: int = Field(5, ge=0, description="Drop documents with fewer sentences.")
+    max_word_length: int = Field(1000, ge=0, description="Drop lines with a longer word (0: off).")
+    drop_no_terminal_punct: bool = Field(True, description="Drop lines not ending in terminal punctuation.")
+    drop_curly_bracket: bool = Field(True, description="Drop documents containing '{' (code).")
+    drop_lorem_ipsum: bool = Field(True, description="Drop documents containing 'lorem ipsum'.")
+    drop_javascript_lines: bool = Field(True, description="Drop lines mentioning javascript.")
+    drop_policy_lines: bool = Field(True, description="Drop cookie/privacy/terms notices.")
+    remove_citations: bool = Field(True, description="Remove [1], [edit], [citation needed].")
+
+
+class FineWebConfig(FilterSection):
+    """FineWeb's own rules (Penedo et al. 2024): data_prep.filters.fineweb."""
+
+    enabled: bool = Field(True, description="Apply the FineWeb quality rules.")
+    line_punct_ratio: float = Field(0.12, ge=0, le=1, description="Min share of lines ending in punctuation.")
+    short_line_ratio: float = Field(0.67, ge=0, le=1, description="Max share of short lines.")
+    short_line_chars: int = Field(30, ge=0, description="A line this long or shorter is short.")
+    char_duplicates_ratio: float = Field(0.01, ge=0, le=1, description="Max share of characters in duplicate lines.")
+    new_line_ratio: float = Field(0.3, ge=0, description="Max newlines per word.")
+
+
+class PIIConfig(Section):
+    """PII redaction of the kept documents: data_prep.pii.PIIRedactor's keyword arguments."""
+
+    entities: list[Literal["email", "ip", "phone"]] = Field(
+        default_factory=lambda: ["email", "ip", "phone"],
+        description="What becomes a placeholder: e-mail addresses, globally routable IP addresses (not "
+        "private or documentation ranges), valid phone numbers. Empty turns redaction off.",
+    )
+    phone_regions: list[str] = Field(
+        default_factory=lambda: ["US", "GB", "DE", "FR"],
+        description="Regions (phonenumbers' ISO 3166 codes) whose national numbers, written without "
+        "+country code, are recognised; numbers written with + are recognised for every region.",
+    )
+
+    @model_validator(mode="after")
+    def _check_with_redactor(self) -> "PIIConfig":
+        from data_prep.pii import PIIRedactor  # its constructor is where entities and regions are checked
+
+        PIIRedactor(**self.model_dump())
+        return self
+
+
+# Flat DataConfig keys of earlier versions -> where they live now.
+MOVED_DATA_KEYS: dict[str, str] = {
+    "language_filter": "data.language.enabled",
+    "languages": "data.language.languages",
+    "language_threshold": "data.language.threshold",
+    "max_duplicate_line_fraction": "data.gopher_repetition.dup_line_frac",
+    "max_duplicate_paragraph_fraction": "data.gopher_repetition.dup_para_frac",
+    "max_duplicate_line_char_fraction": "data.gopher_repetition.dup_line_char_frac",
+    "max_duplicate_paragraph_char_fraction": "data.gopher_repetition.dup_para_char_frac",
+    "gopher_top_ngram_fractions": "data.gopher_repetition.top_n_grams",
+    "gopher_dup_ngram_fractions": "data.gopher_repetition.dup_n_grams",
+    **{name: f"data.gopher_quality.{name}" for name in GopherQualityConfig.model_fields if name != "enabled"},
+    "c4_filter": "data.c4.enabled",
+    **{f"c4_{name}": f"data.c4.{name}" for name in C4Config.model_fields if name != "enabled"},
+    "fineweb_filter": "data.fineweb.enabled",
+    **{f"fineweb_{name}": f"data.fineweb.{name}" for name in FineWebConfig.model_fields if name != "enabled"},
+}
+
+
 class DataConfig(Section):
     """Where the raw corpus comes from and how it is cleaned."""
 
@@ -48,19 +190,8 @@ class DataConfig(Section):
     id_field: str | None = Field(
         "id", description="Field holding the document id; ids are made from file and line when absent."
     )
-    min_words: int = Field(5, ge=0, description="Drop documents with fewer words.")
-    max_words: int = Field(100_000, ge=1, description="Drop documents with more words.")
     max_chars: int = Field(
         1_000_000, ge=1000, description="Documents longer than this are cut to this many characters."
-    )
-    min_mean_word_length: float = Field(3.0, ge=0, description="Gopher: drop if mean word length is below.")
-    max_mean_word_length: float = Field(10.0, ge=0, description="Gopher: drop if mean word length is above.")
-    max_symbol_to_word_ratio: float = Field(0.1, ge=0, description="Gopher: '#' and '...' per word.")
-    min_alpha_word_fraction: float = Field(
-        0.8, ge=0, le=1, description="Gopher: fraction of words that must contain a letter."
-    )
-    max_duplicate_line_fraction: float = Field(
-        0.3, ge=0, le=1, description="Gopher repetition: fraction of lines that are duplicates."
     )
     long_doc_rule: Literal["truncate", "drop"] = Field(
         "truncate", description="Documents over `max_chars`: cut at a word boundary, or drop them."
@@ -69,57 +200,15 @@ class DataConfig(Section):
     normalize_whitespace: bool = Field(
         True, description="Unify line breaks and odd spaces, drop invisible characters, trailing spaces and extra blank lines."
     )
-    # Language identification (py3langid; the model ships in the package).
-    language_filter: bool = Field(True, description="Drop documents not in `languages` (language is always recorded).")
-    languages: list[str] = Field(
-        default_factory=lambda: ["en"], description="ISO 639-1 codes to keep; empty keeps every language."
+    # The filters, in the order they run; each section holds its filter class's keyword arguments.
+    language: LanguageConfig = Field(default_factory=LanguageConfig, description="Language identification filter.")
+    gopher_repetition: GopherRepetitionConfig = Field(
+        default_factory=GopherRepetitionConfig, description="Gopher repetition filter."
     )
-    language_threshold: float = Field(0.65, ge=0, le=1, description="Minimum language probability (FineWeb: 0.65).")
-    # Gopher (Rae et al. 2021); the word-level thresholds above are Gopher's too.
-    gopher_quality: bool = Field(True, description="Apply the Gopher quality rules.")
-    gopher_repetition: bool = Field(True, description="Apply the Gopher repetition rules.")
-    min_stop_words: int = Field(2, ge=0, description="Gopher: minimum count of the, be, to, of, and, that, have, with.")
-    max_bullet_lines_ratio: float = Field(0.9, ge=0, le=1, description="Gopher: lines starting with a bullet.")
-    max_ellipsis_lines_ratio: float = Field(0.3, ge=0, le=1, description="Gopher: lines ending with an ellipsis.")
-    max_duplicate_paragraph_fraction: float = Field(0.3, ge=0, le=1, description="Gopher repetition: duplicate paragraphs.")
-    max_duplicate_line_char_fraction: float = Field(
-        0.2, ge=0, le=1, description="Gopher repetition: characters in duplicate lines."
-    )
-    max_duplicate_paragraph_char_fraction: float = Field(
-        0.2, ge=0, le=1, description="Gopher repetition: characters in duplicate paragraphs."
-    )
-    gopher_top_ngram_fractions: dict[int, float] = Field(
-        default_factory=lambda: {2: 0.2, 3: 0.18, 4: 0.16},
-        description="Gopher repetition: n -> max share of characters in the most frequent n-gram.",
-    )
-    gopher_dup_ngram_fractions: dict[int, float] = Field(
-        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10},
-        description="Gopher repetition: n -> max share of characters in repeated n-grams.",
-    )
-    # C4 (Raffel et al. 2020): line rules rewrite the text, document rules drop it.
-    c4_filter: bool = Field(
-        False,
-        description="Apply the C4 line and document rules (off by default: they drop code, lists and "
-        "documents under 5 sentences, e.g. most of the docstring sample corpus).",
-    )
-    c4_min_words_per_line: int = Field(3, ge=0, description="C4: drop lines with fewer words.")
-    c4_min_sentences: int = Field(5, ge=0, description="C4: drop documents with fewer sentences.")
-    c4_max_word_length: int = Field(1000, ge=0, description="C4: drop lines with a longer word (0: off).")
-    c4_drop_no_terminal_punct: bool = Field(True, description="C4: drop lines not ending in terminal punctuation.")
-    c4_drop_curly_bracket: bool = Field(True, description="C4: drop documents containing '{' (code).")
-    c4_drop_lorem_ipsum: bool = Field(True, description="C4: drop documents containing 'lorem ipsum'.")
-    c4_drop_javascript_lines: bool = Field(True, description="C4: drop lines mentioning javascript.")
-    c4_drop_policy_lines: bool = Field(True, description="C4: drop cookie/privacy/terms notices.")
-    c4_remove_citations: bool = Field(True, description="C4: remove [1], [edit], [citation needed].")
-    # FineWeb (Penedo et al. 2024).
-    fineweb_filter: bool = Field(True, description="Apply the FineWeb quality rules.")
-    fineweb_line_punct_ratio: float = Field(0.12, ge=0, le=1, description="FineWeb: min share of lines ending in punctuation.")
-    fineweb_short_line_ratio: float = Field(0.67, ge=0, le=1, description="FineWeb: max share of short lines.")
-    fineweb_short_line_chars: int = Field(30, ge=0, description="FineWeb: a line this long or shorter is short.")
-    fineweb_char_duplicates_ratio: float = Field(0.01, ge=0, le=1, description="FineWeb: max share of chars in duplicate lines.")
-    fineweb_new_line_ratio: float = Field(0.3, ge=0, description="FineWeb: max newlines per word.")
-    # PII.
-    pii_redact: bool = Field(True, description="Replace e-mail, IP addresses and phone numbers by placeholders.")
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig, description="Gopher quality filter.")
+    c4: C4Config = Field(default_factory=C4Config, description="C4 line and document filter.")
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig, description="FineWeb quality filter.")
+    pii: PIIConfig = Field(default_factory=PIIConfig, description="PII redaction (after the filters).")
     exact_dedup: bool = Field(True, description="Drop exact duplicates (hash of normalised text).")
     # MinHash LSH near-dup dedup (FineWeb: 5-gram shingles, 14 bands x 8 rows).
     minhash_dedup: bool = Field(True, description="Drop near duplicates found by MinHash LSH.")
@@ -134,6 +223,20 @@ class DataConfig(Section):
         description="Input files bigger than this are cleaned as several Ray tasks of about this size "
         "(plain jsonl cut at line starts, Parquet at row groups; .gz, .zst and .txt are read whole).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_flat_filter_keys(cls, data: Any) -> Any:
+        # gopher_quality and gopher_repetition were on/off switches before they were sections.
+        switches = {k: f"data.{k}.enabled" for k in ("gopher_quality", "gopher_repetition")
+                    if isinstance(data, dict) and isinstance(data.get(k), bool)}
+        return refuse_moved_keys("data", data, {**MOVED_DATA_KEYS, **switches})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_pii_switch(cls, data: Any) -> Any:
+        # One list instead of a switch plus a list: `entities: []` is off, and cannot disagree with it.
+        return refuse_moved_keys("data", data, {"pii_redact": "data.pii.entities ([] turns redaction off)"})
 
 
 class TokenizerConfig(Section):
@@ -209,18 +312,18 @@ class ModelConfig(Section):
         description="Named shape filling n_layer, n_head, n_embd, block_size, norm, position, mlp, bias and "
         "tie_embeddings; fields set explicitly win over the preset.",
     )
-    n_layer: int = Field(12, ge=1)
-    n_head: int = Field(12, ge=1)
-    n_embd: int = Field(768, ge=8)
+    n_layer: int = Field(12, ge=1, description="Transformer blocks.")
+    n_head: int = Field(12, ge=1, description="Attention heads per block; must divide n_embd.")
+    n_embd: int = Field(768, ge=8, description="Width of the residual stream.")
     block_size: int = Field(1024, ge=8, description="Context length in tokens.")
     vocab_size: int = Field(0, ge=0, description="0 = the tokenizer's vocabulary size.")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention, residual and embeddings (0 for pretraining).")
     bias: bool = Field(True, description="Biases in linear layers and norms (GPT-2 style).")
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    position: Literal["learned", "rope"] = "learned"
-    mlp: Literal["gelu", "swiglu"] = "gelu"
-    tie_embeddings: bool = True
-    rope_theta: float = Field(10000.0, gt=0)
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalisation layer (GPT-2 or Llama style).")
+    position: Literal["learned", "rope"] = Field("learned", description="Learned position embeddings or rotary (RoPE).")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="Feed-forward block: GELU (GPT-2) or SwiGLU (Llama).")
+    tie_embeddings: bool = Field(True, description="Share the token embedding with the output layer.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency (position: rope).")
 
     @model_validator(mode="before")
     @classmethod
@@ -238,42 +341,71 @@ class ModelConfig(Section):
         return self
 
 
-class TrainConfig(Section):
-    """DeepSpeed training. The DeepSpeed JSON is generated from these fields."""
+class ZeroConfig(Section):
+    """DeepSpeed ZeRO partitioning and CPU offload."""
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    keep_zero_stage_on_one_rank: bool = Field(
+    stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    keep_stage_on_one_rank: bool = Field(
         False,
         description="ZeRO on one rank has nothing to partition, so such a run (without offload) uses "
         "ZeRO-0 in fp32 and ZeRO-1 in bf16/fp16, skipping ZeRO's per-step copies and partitioning work; "
         "true keeps the configured stage.",
     )
-    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU.")
-    offload_param: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per micro-step.")
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
-    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
-    lr: float = Field(6e-4, gt=0)
-    min_lr: float = Field(6e-5, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    lr_schedule: Literal["cosine", "constant", "wsd"] = Field(
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU (stage >= 1).")
+    offload_param: bool = Field(False, description="ZeRO-3 parameter offload to CPU (stage 3).")
+
+    @model_validator(mode="after")
+    def _offload_needs_stage(self) -> "ZeroConfig":
+        if self.offload_param and self.stage != 3:
+            raise ValueError("train.zero.offload_param needs train.zero.stage: 3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("train.zero.offload_optimizer needs train.zero.stage >= 1")
+        return self
+
+
+class OptimizerConfig(Section):
+    """AdamW and gradient clipping."""
+
+    lr: float = Field(6e-4, gt=0, description="Peak learning rate, reached at the end of warmup.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay of weight matrices (not norms, biases or embeddings).")
+    beta1: float = Field(0.9, gt=0, lt=1, description="AdamW first-moment decay.")
+    beta2: float = Field(0.95, gt=0, lt=1, description="AdamW second-moment decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables clipping.")
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule over train.max_steps."""
+
+    kind: Literal["cosine", "constant", "wsd"] = Field(
         "cosine",
         description="After warmup: cosine to min_lr, constant, or wsd (warmup-stable-decay: lr until the "
         "last decay_fraction of the steps, then down to min_lr).",
     )
+    warmup_steps: int = Field(100, ge=0, description="Steps of linear warmup from 0 to train.optimizer.lr.")
+    min_lr: float = Field(6e-5, ge=0, description="Learning rate at the end of the cosine or wsd decay.")
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of max_steps spent decaying.")
     wsd_decay: Literal["linear", "1-sqrt"] = Field(
         "linear", description="wsd: shape of the final decay (1-sqrt after Hagele et al. 2024)."
     )
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, gt=0, lt=1)
-    beta2: float = Field(0.95, gt=0, lt=1)
-    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
-    activation_checkpointing: bool = Field(
-        False, description="Recompute each block's activations in backward (torch.utils.checkpoint)."
-    )
-    compile: bool = Field(False, description="torch.compile the model (DeepSpeed engine.compile, inductor).")
+
+
+class CheckpointConfig(Section):
+    """When checkpoints are saved and how many are kept."""
+
+    every: int = Field(500, ge=1, description="Save a checkpoint every N steps (and at the end).")
+    keep_last: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted after a save.")
+
+
+class ValidationConfig(Section):
+    """Periodic validation loss during training (the eval stage scores the final model)."""
+
+    every: int = Field(250, ge=1, description="Validation loss every N steps.")
+    batches: int = Field(20, ge=1, description="Micro-batches per periodic validation.")
+
+
+class RecoveryConfig(Section):
+    """What a non-finite loss does."""
+
     nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop",
         description="A NaN/inf loss on any rank: stop every rank without saving (the last good checkpoint "
@@ -282,23 +414,19 @@ class TrainConfig(Section):
     max_skipped_batches: int = Field(
         10, ge=0, description="skip: stop like `stop` once more micro-batches than this were skipped."
     )
-    checkpoint_every: int = Field(500, ge=1, description="Save a checkpoint every N steps (and at the end).")
-    keep_last_checkpoints: int = Field(3, ge=1)
-    eval_every: int = Field(250, ge=1, description="Validation loss every N steps.")
-    eval_batches: int = Field(20, ge=1, description="Micro-batches per periodic validation.")
-    log_every: int = Field(10, ge=1)
-    nproc_per_node: int = Field(1, ge=1, description="Training processes per node (GPUs, or CPU ranks).")
-    nnodes: int = Field(1, ge=1)
+
+
+class LaunchConfig(Section):
+    """How and where the training ranks are started."""
+
     launcher: Literal["torchrun", "deepspeed", "ray"] = Field(
         "torchrun",
         description="How ranks are started: torchrun or the deepspeed launcher (one command per node), "
         "or ray: a Ray Train TorchTrainer of nnodes x nproc_per_node workers on the Ray cluster "
         "(runtime.ray_address; empty = a local Ray), restarted from the last checkpoint on failure.",
     )
-    ray_max_failures: int = Field(
-        3, ge=-1, description="launcher ray: worker-group restarts (from the last checkpoint) before the run "
-        "fails; -1 = unlimited (Ray Train FailureConfig.max_failures).",
-    )
+    nproc_per_node: int = Field(1, ge=1, description="Training processes per node (GPUs, or CPU ranks).")
+    nnodes: int = Field(1, ge=1, description="Nodes in the run; world size is nnodes x nproc_per_node.")
     node_rank: int = Field(0, ge=0, description="This node's index (multi-node; 0 writes the stage records).")
     master_addr: str = Field("127.0.0.1", description="Address of node 0 (multi-node rendezvous).")
     master_port: int = Field(29500, ge=1, le=65535, description="Rendezvous port on node 0.")
@@ -306,9 +434,24 @@ class TrainConfig(Section):
         None, description="DeepSpeed hostfile (`host slots=N` lines); without no_ssh, pdsh starts every node."
     )
     no_ssh: bool = Field(False, description="DeepSpeed launcher: one command per node (Kubernetes/Slurm), no pdsh.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
-    seed: int = 1337
-    resume: Literal["auto", "never"] = Field("auto", description="auto = continue from the latest checkpoint.")
+    ray_max_failures: int = Field(
+        3, ge=-1, description="launcher ray: worker-group restarts (from the last checkpoint) before the run "
+        "fails; -1 = unlimited (Ray Train FailureConfig.max_failures).",
+    )
+
+    @model_validator(mode="after")
+    def _check_nodes(self) -> "LaunchConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.launch.node_rank={self.node_rank} must be < train.launch.nnodes={self.nnodes}")
+        if self.launcher == "ray" and self.node_rank:
+            # Ray Train places every worker from one driver; there is no per-node command.
+            raise ValueError("train.launch.launcher=ray starts all nodes from one command: leave node_rank at 0")
+        return self
+
+
+class PlanConfig(Section):
+    """The pre-launch plan: memory check and time estimate."""
+
     device_memory_gb: float = Field(
         0.0, ge=0, description="Per-device memory for the pre-launch plan; a run that needs more is refused. 0 = no check."
     )
@@ -316,27 +459,74 @@ class TrainConfig(Section):
         0.0, ge=0, description="Per-device peak dense TFLOP/s for MFU. 0 = by GPU name (A100/H100/H200 bf16 dense)."
     )
     planned_mfu: float = Field(0.4, gt=0, le=1, description="MFU assumed by the plan's time estimate.")
+
+
+# Flat TrainConfig keys of earlier versions -> where they live now.
+MOVED_TRAIN_KEYS: dict[str, str] = {
+    "zero_stage": "train.zero.stage",
+    "keep_zero_stage_on_one_rank": "train.zero.keep_stage_on_one_rank",
+    "offload_optimizer": "train.zero.offload_optimizer",
+    "offload_param": "train.zero.offload_param",
+    **{name: f"train.optimizer.{name}" for name in ("lr", "weight_decay", "beta1", "beta2", "grad_clip")},
+    **{name: f"train.schedule.{name}" for name in ("min_lr", "warmup_steps", "decay_fraction", "wsd_decay")},
+    "lr_schedule": "train.schedule.kind",
+    "checkpoint_every": "train.checkpoint.every",
+    "keep_last_checkpoints": "train.checkpoint.keep_last",
+    "eval_every": "train.validation.every",
+    "eval_batches": "train.validation.batches",
+    "nonfinite_loss": "train.recovery.nonfinite_loss",
+    "max_skipped_batches": "train.recovery.max_skipped_batches",
+    **{name: f"train.launch.{name}" for name in LaunchConfig.model_fields},
+    **{name: f"train.plan.{name}" for name in PlanConfig.model_fields},
+}
+
+
+class TrainConfig(Section):
+    """DeepSpeed training. The DeepSpeed JSON is generated from these fields."""
+
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per micro-step.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward (torch.utils.checkpoint)."
+    )
+    compile: bool = Field(False, description="torch.compile the model (DeepSpeed engine.compile, inductor).")
+    log_every: int = Field(10, ge=1, description="Log training loss and throughput every N steps.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    seed: int = Field(1337, description="Seed of model initialisation and the training data order.")
+    resume: Literal["auto", "never"] = Field("auto", description="auto = continue from the latest checkpoint.")
     data_mixture: dict[str, float] = Field(
         default_factory=dict,
         description="Named datasets mixed by weight: run name under runs_root -> weight (its shards/ must share "
         "this run's tokenizer). Empty = this run's shards only.",
     )
+    zero: ZeroConfig = Field(default_factory=ZeroConfig, description="DeepSpeed ZeRO stage and offload.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="AdamW and clipping.")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="Learning-rate schedule.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoint cadence.")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="Periodic validation loss.")
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Non-finite loss policy.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Rank topology and launcher.")
+    plan: PlanConfig = Field(default_factory=PlanConfig, description="Pre-launch memory and time plan.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_flat_keys(cls, data: Any) -> Any:
+        return refuse_moved_keys("train", data, MOVED_TRAIN_KEYS)
 
     @model_validator(mode="after")
-    def _check_nodes(self) -> "TrainConfig":
-        if self.node_rank >= self.nnodes:
-            raise ValueError(f"train.node_rank={self.node_rank} must be < train.nnodes={self.nnodes}")
-        if self.launcher == "ray" and self.node_rank:
-            # Ray Train places every worker from one driver; there is no per-node command.
-            raise ValueError("train.launcher=ray starts all nodes from one command: leave train.node_rank at 0")
+    def _check_train(self) -> "TrainConfig":
         for name in self.data_mixture:
             # Names become paths under runs_root: a plain run name can never point elsewhere.
             if not RUN_NAME_RE.fullmatch(name) or ".." in name:
                 raise ValueError(f"train.data_mixture: {name!r} is not a plain run name (no '/', no '..')")
-        if self.lr_schedule == "wsd" and self.warmup_steps + round(self.decay_fraction * self.max_steps) > self.max_steps:
+        schedule = self.schedule
+        decay_steps = round(schedule.decay_fraction * self.max_steps)
+        if schedule.kind == "wsd" and schedule.warmup_steps + decay_steps > self.max_steps:
             raise ValueError(
-                f"train.lr_schedule=wsd: warmup_steps ({self.warmup_steps}) + decay "
-                f"({round(self.decay_fraction * self.max_steps)} steps) exceed max_steps ({self.max_steps})"
+                f"train.schedule.kind=wsd: warmup_steps ({schedule.warmup_steps}) + decay "
+                f"({decay_steps} steps) exceed max_steps ({self.max_steps})"
             )
         return self
 
@@ -347,12 +537,14 @@ class EvalConfig(Section):
     max_tokens: int = Field(
         1_000_000, ge=1, description="Validation tokens scored (the same every time, for comparability)."
     )
-    micro_batch_size: int = Field(8, ge=1)
-    prompts: list[str] = Field(default_factory=lambda: ["The ", "In this module, "])
-    max_new_tokens: int = Field(48, ge=1)
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward pass while scoring.")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The ", "In this module, "], description="Prompts the samples continue."
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per sample.")
     temperature: float = Field(0.8, ge=0, description="0 = greedy.")
     top_k: int = Field(50, ge=0, description="0 = no top-k cut.")
-    seed: int = 7
+    seed: int = Field(7, description="Seed of sampling (prompt i uses seed + i).")
     wandb: bool = Field(True, description="Log the results to the training run's W&B run (tracking.wandb_mode).")
     lm_eval_tasks: list[str] = Field(
         default_factory=list, description="lm-evaluation-harness tasks run on the checkpoint (none: skipped)."
@@ -379,22 +571,26 @@ class ExportConfig(Section):
 
 
 class TrackingConfig(Section):
+    """Weights & Biases logging of training and evaluation."""
+
     wandb_mode: Literal["offline", "online", "disabled"] = Field(
         "offline", description="online needs WANDB_API_KEY in the environment, never in the config."
     )
-    project: str = "pretrain-pipeline"
-    entity: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    project: str = Field("pretrain-pipeline", description="W&B project.")
+    entity: str | None = Field(None, description="W&B team or user; empty = the API key's default.")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
 
 
 class RuntimeConfig(Section):
+    """Where runs live and which Ray runs the data stages."""
+
     run_name: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Name of runs/<run_name>/.")
     runs_root: str = Field("runs", description="Folder holding run directories.")
     ray_address: str | None = Field(
         None, description="Ray cluster address (ray://host:10001 or host:6379); empty = start a local Ray."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (empty = all).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the sample corpus (data.sample_corpus).")
 
     def run_dir(self) -> Path:
         return Path(self.runs_root) / self.run_name
@@ -414,10 +610,6 @@ class PipelineConfig(Section):
     def _consistent(self) -> "PipelineConfig":
         if not self.data.sample_corpus and not self.data.inputs:
             raise ValueError("data.inputs is empty and data.sample_corpus is false: nothing to read")
-        if self.train.offload_param and self.train.zero_stage != 3:
-            raise ValueError("train.offload_param needs train.zero_stage: 3")
-        if self.train.offload_optimizer and self.train.zero_stage == 0:
-            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
         if self.model.vocab_size and self.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError("model.vocab_size is smaller than tokenizer.vocab_size")
         return self
@@ -451,11 +643,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_tree(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` laid over it, section by section (a nested key replaces only itself)."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_tree(out[key], value)
         else:
             out[key] = value
     return out
@@ -465,12 +658,14 @@ def _describe(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+        # A check over a whole section names its fields itself; echoing the section would bury it.
+        got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+        lines.append(f"  {where}: {e['msg']}{got}")
     return "\n".join(lines)
 
 
 def build_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> PipelineConfig:
-    merged = _merge(raw or {}, parse_overrides(overrides or []))
+    merged = merge_tree(raw or {}, parse_overrides(overrides or []))
     try:
         return PipelineConfig.model_validate(merged)
     except ValidationError as err:

@@ -6,9 +6,10 @@ summary.json, eval.json, the export's record), so it can be rebuilt at any time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pretrain_pipeline.artifacts import SUCCESS_FILE, RunPaths, atomic_write_text
 
@@ -45,28 +46,37 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
     return ["| | |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]
 
 
-def _plot_funnel(stats: dict[str, Any], out: Path) -> Path | None:
+@contextlib.contextmanager
+def _figure(out: Path, title: str, height: float = 3.5) -> Iterator[Any]:
+    """Axes of a figure drawn off-screen (no display needed) and saved to ``out`` on exit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(7, height))
+    try:
+        yield ax
+        ax.set_title(title)
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _plot_funnel(stats: dict[str, Any], out: Path) -> Path | None:
     dropped = stats.get("dropped") or {}
     labels = ["input"] + [f"- {k}" for k in dropped] + (["- quarantined"] if stats.get("quarantined") else []) + ["kept"]
     values = [stats.get("docs_in", 0)] + list(dropped.values())
     if stats.get("quarantined"):
         values.append(stats["quarantined"])
     values.append(stats.get("kept", 0))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1))
     colors = ["#4c72b0"] + ["#c44e52"] * (len(labels) - 2) + ["#55a868"]
-    ax.barh(labels[::-1], values[::-1], color=colors[::-1])
-    for i, v in enumerate(values[::-1]):
-        ax.text(v, i, f" {v:,}", va="center", fontsize=8)
-    ax.set_xlabel("documents")
-    ax.set_title("Cleaning funnel")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with _figure(out, "Cleaning funnel", height=0.45 * len(labels) + 1) as ax:
+        ax.barh(labels[::-1], values[::-1], color=colors[::-1])
+        for i, v in enumerate(values[::-1]):
+            ax.text(v, i, f" {v:,}", va="center", fontsize=8)
+        ax.set_xlabel("documents")
     return out
 
 
@@ -74,23 +84,14 @@ def _plot_lengths(stats: dict[str, Any], out: Path) -> Path | None:
     hist = stats.get("length_histogram")
     if not hist:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     # stats.json stores bins as [{"min_words", "max_words", "documents"}, ...]
     edges = [max(b["min_words"], 1) for b in hist] + [hist[-1]["max_words"]]
     counts = [b["documents"] for b in hist]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.stairs(counts, edges, fill=True, alpha=0.7)
-    ax.set_xscale("log")
-    ax.set_xlabel("document length (words)")
-    ax.set_ylabel("documents")
-    ax.set_title("Kept document lengths")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with _figure(out, "Kept document lengths") as ax:
+        ax.stairs(counts, edges, fill=True, alpha=0.7)
+        ax.set_xscale("log")
+        ax.set_xlabel("document length (words)")
+        ax.set_ylabel("documents")
     return out
 
 
@@ -106,24 +107,15 @@ def _plot_loss(series: dict[str, list[tuple[int, float]]], out: Path) -> Path | 
     train, val = series["train loss"], series["validation loss"]
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("Training")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with _figure(out, "Training") as ax:
+        if train:
+            ax.plot(*zip(*train), label="train loss", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats/token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
     return out
 
 

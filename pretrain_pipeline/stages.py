@@ -1,37 +1,34 @@
 """The pipeline's stages as plain functions: what the CLI calls directly and what flows/ wraps.
 
 Each stage takes the validated config, works in ``runs/<run_name>/`` and returns a small dict of
-paths and figures. Stages skip themselves when their completion record matches the fingerprint of
-their inputs and config section; ``force=True`` redoes one.
+paths and figures. Each follows the protocol of ``pretrain_pipeline/stage.py``: it skips itself
+when its completion record matches the fingerprint of its inputs and config section;
+``force=True`` redoes it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, project_state_dir
-from pretrain_pipeline.config import PipelineConfig, dump_config
+from pretrain_pipeline.artifacts import project_state_dir
+from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.stage import prepare_run
 
 STAGES = ("clean", "tokenize", "train", "evaluate", "export")
 
 Log = Callable[[str], None]
 
 
-def prepare_run(cfg: PipelineConfig) -> RunPaths:
-    """Create the run directory and record the resolved config every stage reads."""
-    paths = RunPaths(cfg.run_dir())
-    paths.root.mkdir(parents=True, exist_ok=True)
-    text = dump_config(cfg)
-    # Node 0 owns the run directory; another node of a multi-node run shares it (or holds a copy)
-    # and writes the config only where there is none, never over node 0's with its own node_rank.
-    leader = cfg.train.node_rank == 0
-    if not paths.config.exists() or (leader and paths.config.read_text() != text):
-        atomic_write_text(paths.config, text)
-    project_state_dir().mkdir(parents=True, exist_ok=True)
-    return paths
+def forced_stages(force: Iterable[str]) -> set[str]:
+    """The stages to redo for a ``force`` list ("all" means every stage); an unknown name is an error."""
+    force = set(force)
+    unknown = force - set(STAGES) - {"all"}
+    if unknown:
+        raise ValueError(f"unknown stage(s) to force: {sorted(unknown)}; stages are {STAGES}")
+    return set(STAGES) if "all" in force else force
 
 
 def _result(obj: Any) -> dict[str, Any]:
@@ -67,7 +64,7 @@ def tokenize(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict
 
 
 def train(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[str, Any]:
-    from pretrain.launch import train as launch_training
+    from pretrain.launch import launch_training
 
     paths = prepare_run(cfg)
     result = _result(launch_training(cfg, paths, force=force, log=log))
@@ -114,13 +111,10 @@ STAGE_FUNCTIONS: dict[str, Callable[..., dict[str, Any]]] = {
 
 def run_all(cfg: PipelineConfig, force: set[str] | None = None, log: Log = print) -> dict[str, Any]:
     """The whole pipeline without Prefect (the Prefect flow in flows/ calls the same functions)."""
-    force = force or set()
-    unknown = force - set(STAGES) - {"all"}
-    if unknown:
-        raise ValueError(f"unknown stage(s) to force: {sorted(unknown)}; stages are {STAGES}")
+    forced = forced_stages(force or ())
     results: dict[str, Any] = {}
     for name in STAGES:
-        results[name] = STAGE_FUNCTIONS[name](cfg, force=name in force or "all" in force, log=log)
+        results[name] = STAGE_FUNCTIONS[name](cfg, force=name in forced, log=log)
     results["report"] = str(report(cfg, log=log))
     return results
 

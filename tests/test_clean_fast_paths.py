@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data_prep import filters, quality
-from data_prep.filters import UnicodeRepair, normalize_whitespace
+from data_prep import cleaner
+from data_prep.cleaner import UnicodeRepair, normalize_whitespace
+from data_prep.filters import DocStats, gopher_repetition
+from data_prep.filters.gopher_repetition import _duplicate_ngram_chars, _top_ngram_chars
 from data_prep.minhash import MinHasher, simplified_words
-from data_prep.quality import DocStats, _duplicate_ngram_chars, _top_ngram_chars
 
 FAST = settings(max_examples=200, deadline=None)
 ascii_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=127), max_size=300)
@@ -29,12 +30,12 @@ def test_unicode_repair_fast_path_is_ftfy(text: str) -> None:
 
 
 def _normalize_slow(text: str) -> str:
-    text = filters._LINE_SEPS.sub("\n", text)
-    text = filters._INVISIBLE.sub("", text)
-    text = filters._ODD_SPACES.sub(" ", text)
-    text = filters._CONTROL.sub("", text)
-    text = filters._TRAILING_WS.sub("\n", text)
-    return filters._MANY_BLANK_LINES.sub("\n\n", text).strip()
+    text = cleaner._LINE_SEPS.sub("\n", text)
+    text = cleaner._INVISIBLE.sub("", text)
+    text = cleaner._ODD_SPACES.sub(" ", text)
+    text = cleaner._CONTROL.sub("", text)
+    text = cleaner._TRAILING_WS.sub("\n", text)
+    return cleaner._MANY_BLANK_LINES.sub("\n\n", text).strip()
 
 
 @FAST
@@ -70,7 +71,7 @@ def _dup_naive(words: list[str], n: int) -> int:
 def test_ngram_rules_equal_string_ngrams_on_both_paths(words: list[str], numpy_from: int) -> None:
     # numpy_from 0: every document takes the numpy path (word ids); 10**9: the plain-Python one.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quality, "NUMPY_NGRAMS_FROM_WORDS", numpy_from)
+        mp.setattr(gopher_repetition, "NUMPY_NGRAMS_FROM_WORDS", numpy_from)
         stats = DocStats(" ".join(words))
         for n in (2, 3, 4):
             assert _top_ngram_chars(stats, n) == _top_naive(words, n)

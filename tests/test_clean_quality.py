@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.clean import WORK_DIR, WorkUnit, _identity, _work_paths, clean_corpus, clean_unit, plan_work, resolve_inputs
-from data_prep.filters import text_hash
+from data_prep.cleaner import text_hash
 from data_prep.sample_corpus import build_sample_corpus
 from pretrain_pipeline.artifacts import RunPaths, sha256_file
 from pretrain_pipeline.config import PipelineConfig, RuntimeConfig, build_config
@@ -38,10 +38,10 @@ OTHER_LANGUAGES = [
 ]
 MOJIBAKE_SENTENCE = "The café near the station serves crème brûlée and a naïve résumé of the menu."
 PII_SENTENCE = (
-    "For questions write to jane.doe@example.org or call +1 (555) 123-4567, and note that the "
-    "build server lives at 203.0.113.7 and 2001:db8:85a3::8a2e:370:7334 for now."
+    "For questions write to jane.doe@example.org or call +1 (415) 555-0132, and note that the "
+    "build server lives at 93.184.216.34 and 2a00:1450:4001:82a::200e for now."
 )
-PII_STRINGS = ["jane.doe@example.org", "555) 123-4567", "203.0.113.7", "2001:db8:85a3::8a2e:370:7334"]
+PII_STRINGS = ["jane.doe@example.org", "555-0132", "93.184.216.34", "2a00:1450:4001:82a::200e"]
 
 
 def _edit(text: str, rng: random.Random) -> str:
@@ -127,7 +127,7 @@ def _config(root: Path, name: str, **data: object) -> PipelineConfig:
     return build_config(
         {
             # Docstrings are short: Gopher's 50-word minimum and the stop-word rule would drop most.
-            "data": {"inputs": [str(root / "raw")], "documents_per_shard": 500, "min_words": 20, "min_stop_words": 0, **data},
+            "data": {"inputs": [str(root / "raw")], "documents_per_shard": 500, "gopher_quality": {"min_words": 20, "min_stop_words": 0}, **data},
             "runtime": {"runs_root": str(root / "runs"), "run_name": name, "num_cpus": 2},
         }
     )

@@ -87,14 +87,14 @@ def test_rayjob_trains_on_the_gpu_workers():
     cfg = load_config(GPT2, literal_overrides(job["spec"]["entrypoint"]))
     gpu = next(g for g in _docs(CLUSTER / "kuberay" / "raycluster.yaml")[0]["spec"]["workerGroupSpecs"]
                if g["groupName"] == "gpu")
-    assert cfg.train.launcher == "ray" and cfg.train.nnodes == gpu["replicas"]
-    assert cfg.train.nproc_per_node == int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert cfg.train.launch.launcher == "ray" and cfg.train.launch.nnodes == gpu["replicas"]
+    assert cfg.train.launch.nproc_per_node == int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert cfg.runtime.runs_root.startswith("/workspace/")
     readme = (CLUSTER / "README.md").read_text()
     for path in ("ray/aws.yaml", "ray/gcp.yaml"):
         header = (CLUSTER / path).read_text()
         for text in (header, readme):
-            assert "--set train.launcher=ray --set train.nnodes=2 --set runtime.runs_root=/workspace/runs" in text
+            assert "--set train.launch.launcher=ray --set train.launch.nnodes=2 --set runtime.runs_root=/workspace/runs" in text
 
 
 # --- pinned versions --------------------------------------------------------------------------------
@@ -289,11 +289,11 @@ def test_sbatch_steps_hostfile_and_per_node_commands(tmp_path, launcher):
         argv = call["argv"]
         sets = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--set"]
         cfg = load_config(GPT2, sets)  # every --set the script passes is a valid config
-        assert cfg.train.launcher == launcher and cfg.train.node_rank == rank and cfg.train.nnodes == 3
-        assert cfg.train.master_addr == "10.9.0.1" and cfg.train.master_port == 29500
-        assert cfg.train.nproc_per_node == 8
+        assert cfg.train.launch.launcher == launcher and cfg.train.launch.node_rank == rank and cfg.train.launch.nnodes == 3
+        assert cfg.train.launch.master_addr == "10.9.0.1" and cfg.train.launch.master_port == 29500
+        assert cfg.train.launch.nproc_per_node == 8
         if launcher == "deepspeed":
-            assert cfg.train.no_ssh and Path(cfg.train.hostfile) == state / "hostfile-4242"
+            assert cfg.train.launch.no_ssh and Path(cfg.train.launch.hostfile) == state / "hostfile-4242"
     if launcher == "deepspeed":
         assert (state / "hostfile-4242").read_text() == "".join(f"{n} slots=8\n" for n in nodes)
     token = state / "ray-token-4242"

@@ -16,27 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from data_prep.clean import _check_accounting
-from data_prep.filters import (
-    GopherQuality,
-    GopherRepetition,
-    DocStats,
-    UnicodeRepair,
-    clean_batch,
-    normalize_whitespace,
-    text_hash,
-    truncate,
-)
+from data_prep.cleaner import UnicodeRepair, clean_batch, normalize_whitespace, text_hash, truncate
+from data_prep.filters import DocStats, GopherQuality, GopherRepetition
 from data_prep.readers import expand_inputs, read_file, split_file
 from data_prep.sample_corpus import build_sample_corpus
 from data_prep.shards import assign_splits, read_shard_tokens, split_hash
 from data_prep.tokenizer import sample_lines, split_long_line
-from pretrain_pipeline.config import DataConfig
+from pretrain_pipeline.config import C4Config, DataConfig, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig
 
 PROSE = "The quick brown fox jumps over the lazy dog while the farmer watches from his porch."
 
 
 def quality(text: str, **kw) -> str | None:
-    return GopherQuality(**{"min_words": 5, **kw})(text, DocStats.of(text))
+    return GopherQuality(**GopherQualityConfig(**{"min_words": 5, "min_stop_words": 0, **kw}).params())(text, DocStats(text))
 
 
 # --------------------------------------------------------------------------------------------
@@ -66,13 +58,13 @@ def test_gopher_quality_max_words() -> None:
 
 
 def test_gopher_repetition() -> None:
-    f = GopherRepetition(0.3)
+    f = GopherRepetition(**GopherRepetitionConfig(dup_line_frac=0.3).params())
     boiler = "\n".join(["Home | About | Contact"] * 5 + [PROSE])
-    assert f(boiler, DocStats.of(boiler)) == "gopher_repetition:duplicate_lines"
+    assert f(boiler, DocStats(boiler)) == "gopher_repetition:duplicate_lines"
     varied = "\n".join(f"{PROSE} {i}" for i in range(5))
     # Distinct lines, but the same sentence five times: the n-gram rules catch it.
-    assert f(varied, DocStats.of(varied)) == "gopher_repetition:top_4_gram"
-    assert GopherRepetition(0.3, top_n_grams=(), dup_n_grams=())(varied, DocStats.of(varied)) is None
+    assert f(varied, DocStats(varied)) == "gopher_repetition:top_4_gram"
+    assert GopherRepetition(**GopherRepetitionConfig(top_n_grams={}, dup_n_grams={}).params())(varied, DocStats(varied)) is None
 
 
 def test_unicode_repair_fixes_mojibake_without_nfkc() -> None:
@@ -113,7 +105,8 @@ def _rows(texts: list[str]) -> dict[str, list]:
 
 
 def test_clean_batch_dict_and_frame_agree() -> None:
-    cfg = DataConfig(max_chars=1000, languages=[], language_threshold=0, min_stop_words=0, gopher_repetition=False, fineweb_filter=False)
+    cfg = DataConfig(max_chars=1000, language={"languages": [], "threshold": 0}, gopher_quality={"min_stop_words": 0},
+                     gopher_repetition={"enabled": False}, fineweb={"enabled": False})
     texts = ["Le cafÃ© est trÃ¨s bon et nous aimons beaucoup ce petit endroit.", "tiny", PROSE * 100]
     out = clean_batch(_rows(texts), cfg)
     frame = clean_batch(pd.DataFrame(_rows(texts)), cfg)
@@ -337,56 +330,38 @@ def test_read_shard_tokens(tmp_path: Path, batches: int) -> None:
 def test_language_filter_records_language() -> None:
     from data_prep.langid import LanguageFilter
 
-    f = LanguageFilter(["en"], 0.65)
-    stats = DocStats.of(PROSE)
+    f = LanguageFilter(languages=["en"], threshold=0.65)
+    stats = DocStats(PROSE)
     assert f(PROSE, stats) is None and stats.language == "en" and stats.language_score > 0.9
     fr = "Le chat dort sur la table de la cuisine pendant que nous mangeons du pain."
-    assert f(fr, DocStats.of(fr)) == "language:fr"
-    assert LanguageFilter([], 0.0)(fr, DocStats.of(fr)) is None
+    assert f(fr, DocStats(fr)) == "language:fr"
+    assert LanguageFilter(languages=[], threshold=0.0)(fr, DocStats(fr)) is None
 
 
 def test_c4_rewrites_lines_then_judges_document() -> None:
-    from data_prep.quality import C4Quality
+    from data_prep.filters import C4Quality
 
-    c4 = C4Quality()
+    c4 = C4Quality(**C4Config().params())
     page = "\n".join(["Menu", "This site uses cookies to improve things.", "Enable javascript to see this page."] + [f"{PROSE} [{i}]" for i in range(5)])
     out = c4.rewrite(page)
     assert out.splitlines() == [PROSE] * 5
-    assert c4(out, DocStats.of(out)) is None
-    assert c4(PROSE, DocStats.of(PROSE)) == "c4:too_few_sentences"
-    assert c4("x = {1: 2}. " * 6, DocStats.of("")) == "c4:curly_bracket"
-    assert c4("Lorem ipsum dolor. " * 6, DocStats.of("")) == "c4:lorem_ipsum"
+    assert c4(out, DocStats(out)) is None
+    assert c4(PROSE, DocStats(PROSE)) == "c4:too_few_sentences"
+    assert c4("x = {1: 2}. " * 6, DocStats("")) == "c4:curly_bracket"
+    assert c4("Lorem ipsum dolor. " * 6, DocStats("")) == "c4:lorem_ipsum"
 
 
 def test_fineweb_rules() -> None:
-    from data_prep.quality import FineWebQuality
+    from data_prep.filters import FineWebQuality
 
-    fw = FineWebQuality()
-    assert fw(PROSE, DocStats.of(PROSE)) is None
+    fw = FineWebQuality(**FineWebConfig().params())
+    assert fw(PROSE, DocStats(PROSE)) is None
     no_punct = "\n".join(["a line without an end"] * 3 + [f"another one {i} here and there" for i in range(10)])
-    assert fw(no_punct, DocStats.of(no_punct)) == "fineweb:line_punct_ratio"
+    assert fw(no_punct, DocStats(no_punct)) == "fineweb:line_punct_ratio"
     listing = "\n".join(f"Item {i}." for i in range(40))
-    assert fw(listing, DocStats.of(listing)) == "fineweb:short_line_ratio"
+    assert fw(listing, DocStats(listing)) == "fineweb:short_line_ratio"
     dup = "\n".join([PROSE, PROSE + " Again.", PROSE])
-    assert fw(dup, DocStats.of(dup)) == "fineweb:char_dup_ratio"
-
-
-@pytest.mark.parametrize(
-    ("text", "expected", "kinds"),
-    [
-        ("mail John.Doe+x@mail.example.co.uk today", "mail <EMAIL> today", {"email": 1}),
-        ("hosts 10.0.0.1 and fe80::1ff:fe23:4567:890a", "hosts <IP_ADDRESS> and <IP_ADDRESS>", {"ip": 2}),
-        ("call +44 20 7946 0958 or (555) 123-4567", "call <PHONE_NUMBER> or <PHONE_NUMBER>", {"phone": 2}),
-        # Not PII: versions, times, slices, dates, years, decimals.
-        ("v1.2.3 at 12:30:45, a[::2], 2019-10-22, 1999 2000 2001, 3.14159", None, {}),
-    ],
-)
-def test_pii_redaction(text: str, expected: str | None, kinds: dict) -> None:
-    from data_prep.pii import PIIRedactor
-
-    out, counts = PIIRedactor().redact(text)
-    assert out == (text if expected is None else expected)
-    assert dict(counts) == kinds
+    assert fw(dup, DocStats(dup)) == "fineweb:char_dup_ratio"
 
 
 def test_minhash_similar_texts_share_bands_and_edges_keep_first() -> None:
@@ -403,12 +378,10 @@ def test_minhash_similar_texts_share_bands_and_edges_keep_first() -> None:
     assert h.band_keys(words) == MinHasher(5, 14, 8, seed=1).band_keys(words)
     rows = key_rows([30, 10, 20], ["aa" * 20, "bb" * 20, "cc" * 20], [near, words, other], h)
     assert rows.num_rows == 3 * 15 and rows.column("kind").to_pylist().count(NEAR) == 42
-    # Partitioned by key as the shuffle does, any partition count gives the same answer: the kept
-    # copy is the smallest ordinal.
-    from data_prep.minhash import add_partition
-
+    # Partitioned by key, any partition count gives the same answer: the kept copy is the
+    # smallest ordinal.
     assert duplicates_from_edges(edges_of_partition(rows)) == {30: "minhash_duplicate"}
     for n in (2, 3, 7):
-        parted = add_partition(rows, n)
+        parted = rows.append_column("part", pa.array((rows["key"].to_numpy() % n).astype("int64")))
         parts = [edges_of_partition(parted.filter(pa.compute.equal(parted["part"], p))) for p in range(n)]
         assert duplicates_from_edges(pa.concat_tables(parts)) == {30: "minhash_duplicate"}

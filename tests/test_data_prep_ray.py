@@ -79,10 +79,10 @@ def run(ray_cluster, tmp_path_factory):
             "data": {
                 "inputs": [str(root / "raw")],
                 "documents_per_shard": 100,
-                "language_filter": False,
-                "gopher_repetition": False,
-                "min_stop_words": 0,
-                "fineweb_filter": False,
+                "language": {"enabled": False},
+                "gopher_repetition": {"enabled": False},
+                "gopher_quality": {"min_stop_words": 0},
+                "fineweb": {"enabled": False},
             },
             "tokenizer": {"vocab_size": 400, "val_fraction": 0.1, "shard_size_mb": 0.02},
             "runtime": {"runs_root": str(root / "runs"), "run_name": "t", "num_cpus": 2},
@@ -281,7 +281,8 @@ def _docstring_corpus(path: Path) -> int:
 
 def _source_cfg(run, raw: Path, name: str, **tokenizer) -> PipelineConfig:
     base = run["cfg"].model_dump(mode="json")
-    base["data"].update(inputs=[str(raw)], max_symbol_to_word_ratio=1.0, min_alpha_word_fraction=0.0)
+    base["data"]["inputs"] = [str(raw)]
+    base["data"]["gopher_quality"].update(max_symbol_to_word_ratio=1.0, min_alpha_word_fraction=0.0)
     base["tokenizer"].update(tokenizer)
     base["runtime"]["run_name"] = name
     return build_config(base)

@@ -30,7 +30,7 @@ def tiny(block_size: int = 48, **kw) -> GPT:
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
-    from pretrain.synthetic import synthetic_documents, train_tokenizer
+    from synthetic import synthetic_documents, train_tokenizer
 
     return train_tokenizer(tmp_path_factory.mktemp("tok"), synthetic_documents(300, seed=0), vocab_size=SPM_VOCAB)
 

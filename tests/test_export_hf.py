@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.hf_convert import hf_family, to_hf_model
+from pretrain.hf_convert import hf_config, hf_extra_tensors, hf_family, hf_tensors
 from pretrain.model import GPT
 from pretrain_pipeline.config import ModelConfig, TokenizerConfig
 
@@ -33,6 +33,29 @@ def random_model(**kw) -> GPT:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights (fp32, CPU) under the transformers names of ``hf_family(model.config)``."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        out.update(hf_tensors(model.config, name, value.detach().float().cpu().clone()))
+    return {**out, **hf_extra_tensors(model.config)}
+
+
+def to_hf_model(model: GPT, bos_id: int, eos_id: int, pad_id: int):
+    """A transformers model (eval mode, fp32) holding exactly our weights; every weight is checked."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(model, bos_id, eos_id, pad_id)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model), strict=False)
+    missing = [k for k in missing if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"{hf_family(model.config)} mapping incomplete: missing {missing}, unexpected {unexpected}")
+    if model.config.tie_embeddings:
+        hf.tie_weights()
+    return hf.eval()
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -36,8 +36,9 @@ def make_cfg(root: Path):
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "position": "rope",
                       "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False,
                       "rope_theta": 50000.0},
-            "train": {"zero_stage": 3, "nproc_per_node": 2, "micro_batch_size": 4, "max_steps": STEPS,
-                      "warmup_steps": 0, "lr": 3e-3, "lr_schedule": "constant", "device": "cpu"},
+            "train": {"micro_batch_size": 4, "max_steps": STEPS, "device": "cpu", "zero": {"stage": 3},
+                      "launch": {"nproc_per_node": 2}, "optimizer": {"lr": 3e-3},
+                      "schedule": {"warmup_steps": 0, "kind": "constant"}},
             "eval": {"max_tokens": 1024, "prompts": ["The cat"], "max_new_tokens": 8, "top_k": 20},
             "export": {"onnx": True},
             "tracking": {"wandb_mode": "offline"},
@@ -86,7 +87,7 @@ def worker(run_dir: str) -> None:
     for stage in OTHER_STAGES:
         torch.manual_seed(cfg.train.seed + stage)
         other = build_engine(GPT(cfg.model, resolve_vocab_size(cfg.model, manifest.vocab_size)),
-                             cfg.train.model_copy(update={"zero_stage": stage}), world)
+                             cfg.train.model_copy(update={"zero": cfg.train.zero.model_copy(update={"stage": stage})}), world)
         other.set_lr(0)
         x, y = data.next_batch()
         _, loss = other(x, y)
@@ -102,7 +103,7 @@ def worker(run_dir: str) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from pretrain.launch import build_env
-    from pretrain.synthetic import make_synthetic_run
+    from synthetic import make_synthetic_run
     from pretrain_pipeline.artifacts import RunPaths
 
     paths = RunPaths(tmp_path_factory.mktemp("runs") / "llama_zero3")
@@ -308,7 +309,7 @@ metric_list:
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     """Three local lm-eval tasks (one per request type) over jsonl files: nothing is downloaded."""
-    from pretrain.synthetic import synthetic_documents
+    from synthetic import synthetic_documents
 
     d = tmp_path_factory.mktemp("lm_eval_tasks")
     choice = [{"context": "The cat sees the", "choices": [" ball today.", " zebra quantum."], "label": 0},

@@ -260,7 +260,7 @@ def _training_pids(run_dir: Path) -> set[int]:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "pretrain.train" in cmd and str(run_dir) in cmd:
+        if "pretrain.trainer" in cmd and str(run_dir) in cmd:
             pids.add(int(proc.name))
     return pids
 

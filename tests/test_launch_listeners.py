@@ -16,10 +16,10 @@ import psutil
 import pytest
 
 from pretrain.launch import build_command, build_env, terminate
-from pretrain.synthetic import make_synthetic_run
 from pretrain_pipeline.artifacts import RunPaths
 from pretrain_pipeline.config import dump_config
 from test_train_multinode import make_cfg  # tests/ is on sys.path (rootdir conftest)
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 
 def listeners(root: psutil.Process) -> dict[int, list[tuple[str, int]]]:
@@ -44,7 +44,7 @@ def test_one_node_commands_bind_loopback(tmp_path, monkeypatch):
     assert env["GLOO_SOCKET_IFNAME"] in psutil.net_if_addrs()
     assert any(a.address == "127.0.0.1" for a in psutil.net_if_addrs()[env["GLOO_SOCKET_IFNAME"]])
     # Across nodes the user's master address and interfaces stand.
-    multi = make_cfg(tmp_path / "r", nnodes=2, master_addr="10.0.0.1")
+    multi = make_cfg(tmp_path / "r", launch={"nnodes": 2, "master_addr": "10.0.0.1"})
     assert "GLOO_SOCKET_IFNAME" not in build_env(multi) and "NCCL_SOCKET_IFNAME" not in build_env(multi)
     assert "torch.distributed.run" in build_command(multi, RunPaths(tmp_path / "r"))
 
@@ -57,7 +57,7 @@ def test_two_rank_run_listens_on_loopback_only(launcher, tmp_path, monkeypatch):
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
     paths = RunPaths(tmp_path / "runs" / "lo")
     make_synthetic_run(paths.root)
-    cfg = make_cfg(paths.root, max_steps=100_000, checkpoint_every=100_000, launcher=launcher)
+    cfg = make_cfg(paths.root, max_steps=100_000, checkpoint={"every": 100_000}, launch={"launcher": launcher})
     paths.config.write_text(dump_config(cfg))
     proc = subprocess.Popen(
         build_command(cfg, paths), env=build_env(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -20,7 +20,7 @@ from pretrain.data import (
     build_train_loader,
     load_manifest,
 )
-from pretrain.synthetic import make_synthetic_run
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 BLOCK, MB = 16, 4
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pretrain_pipeline.config import merge_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.integration
@@ -22,7 +24,8 @@ def _tiny_config(tmp_path: Path) -> Path:
     cfg["data"]["sample_corpus_max_docs"] = 800
     cfg["tokenizer"].update(vocab_size=512, input_sentence_size=20000)
     cfg["model"].update(n_layer=2, n_head=2, n_embd=64, block_size=64)
-    cfg["train"].update(max_steps=30, warmup_steps=3, checkpoint_every=15, eval_every=15, eval_batches=2, log_every=5)
+    cfg["train"] = merge_tree(cfg["train"], {"max_steps": 30, "log_every": 5, "schedule": {"warmup_steps": 3},
+                                             "checkpoint": {"every": 15}, "validation": {"every": 15, "batches": 2}})
     cfg["eval"].update(max_tokens=4000, max_new_tokens=8)
     cfg["runtime"].update(run_name="e2e", runs_root=str(tmp_path / "runs"))
     path = tmp_path / "tiny.yaml"

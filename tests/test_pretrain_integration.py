@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from pretrain.distributed import SHM_DIR
-from pretrain.synthetic import make_synthetic_run
 from pretrain_pipeline.artifacts import RunPaths, read_json, sha256_file
-from pretrain_pipeline.config import build_config, dump_config
+from pretrain_pipeline.config import build_config, dump_config, merge_tree
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +30,12 @@ def make_cfg(root: Path, **train):
             "data": {"sample_corpus": True},
             "tokenizer": {"vocab_size": 320},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
-            "train": {
-                "zero_stage": 2, "nproc_per_node": 2, "micro_batch_size": 8, "grad_accum_steps": 2,
-                "max_steps": 40, "warmup_steps": 4, "lr": 3e-3, "min_lr": 3e-4, "log_every": 5,
-                "eval_every": 20, "eval_batches": 4, "checkpoint_every": 15, "keep_last_checkpoints": 2,
-                "device": "cpu", **train,
-            },
+            "train": merge_tree({
+                "micro_batch_size": 8, "grad_accum_steps": 2, "max_steps": 40, "log_every": 5, "device": "cpu",
+                "zero": {"stage": 2}, "launch": {"nproc_per_node": 2}, "optimizer": {"lr": 3e-3},
+                "schedule": {"warmup_steps": 4, "min_lr": 3e-4}, "validation": {"every": 20, "batches": 4},
+                "checkpoint": {"every": 15, "keep_last": 2},
+            }, train),
             "eval": {"max_tokens": 4096, "micro_batch_size": 8, "prompts": ["The cat", "A dog"], "max_new_tokens": 12},
             "tracking": {"wandb_mode": "offline"},
             "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
@@ -64,14 +64,14 @@ def new_run(tmp_path_factory, name: str) -> RunPaths:
 
 @pytest.fixture(scope="module")
 def trained(env, tmp_path_factory):
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     paths = new_run(tmp_path_factory, "zero2")
     cfg = make_cfg(paths.root)
     lines: list[str] = []
     shm_before = set(SHM_DIR.glob("deepspeed_allreduce_buffer_*"))
     t0 = time.perf_counter()
-    result = train(cfg, paths, log=lines.append)
+    result = launch_training(cfg, paths, log=lines.append)
     print(f"\n2-rank ZeRO-2 training: {time.perf_counter() - t0:.1f}s")
     lines.extend(f"leaked shm segment: {p}" for p in sorted(set(SHM_DIR.glob("deepspeed_allreduce_buffer_*")) - shm_before))
     return cfg, paths, result, lines
@@ -85,12 +85,13 @@ def test_training_leaves_no_shared_memory_behind(trained):
 
 
 def test_a_single_rank_zero3_run_runs_as_zero0_and_leaves_no_shared_memory_behind(env, tmp_path_factory):
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     paths = new_run(tmp_path_factory, "one_rank")
     before = set(SHM_DIR.glob("deepspeed_allreduce_buffer_*"))
     lines: list[str] = []
-    train(make_cfg(paths.root, nproc_per_node=1, zero_stage=3, max_steps=2, eval_every=2), paths, log=lines.append)
+    launch_training(make_cfg(paths.root, launch={"nproc_per_node": 1}, zero={"stage": 3}, max_steps=2,
+                             validation={"every": 2}), paths, log=lines.append)
     assert not set(SHM_DIR.glob("deepspeed_allreduce_buffer_*")) - before
     # Nothing to partition on one fp32 rank: the plan and the start line say so, and DeepSpeed wrote
     # a ZeRO-0 checkpoint (one model-states file holding the optimizer too; ZeRO writes
@@ -125,10 +126,10 @@ def test_training_reduces_loss_and_writes_artifacts(trained):
 
 
 def test_train_is_skipped_when_current_and_rerun_when_config_changes(trained):
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     cfg, paths, result, _ = trained
-    again = train(cfg, paths, log=lambda _: None)
+    again = launch_training(cfg, paths, log=lambda _: None)
     assert again.skipped and again.last_tag == result.last_tag and again.final_loss == result.final_loss
 
 
@@ -196,7 +197,7 @@ def test_report_shows_both_loss_curves_and_the_eval_results(trained):
     cfg, paths, _, _ = trained
     ev = evaluate(cfg, paths)
     report = write_report(paths).read_text()
-    # The plot's inputs: both curves, the validation one at every eval_every steps (20 and 40).
+    # The plot's inputs: both curves, the validation one at every train.validation.every steps (20 and 40).
     series = _loss_series([json.loads(line) for line in paths.metrics.read_text().splitlines()])
     assert [step for step, _ in series["validation loss"]] == [20, 40] and len(series["train loss"]) >= 8
     assert (paths.plots / "loss.png").stat().st_size > 0
@@ -216,19 +217,19 @@ def consolidated(paths: RunPaths) -> dict[str, torch.Tensor]:
 
 def test_zero3_resume_matches_an_uninterrupted_run(env, tmp_path_factory):
     """Stop at step 6 and resume to 12 == 12 straight: weights, optimizer, data cursor and RNG restored."""
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     # Constant LR so the shorter first leg sees the same schedule as the straight run.
-    common = dict(zero_stage=3, lr_schedule="constant", warmup_steps=0, log_every=3, eval_every=100,
-                  checkpoint_every=100, grad_accum_steps=1)
+    common = dict(zero={"stage": 3}, schedule={"kind": "constant", "warmup_steps": 0}, log_every=3,
+                  validation={"every": 100}, checkpoint={"every": 100}, grad_accum_steps=1)
     straight = new_run(tmp_path_factory, "straight")
-    train(make_cfg(straight.root, max_steps=12, **common), straight, log=lambda _: None)
+    launch_training(make_cfg(straight.root, max_steps=12, **common), straight, log=lambda _: None)
 
     resumed = new_run(tmp_path_factory, "resumed")
-    first = train(make_cfg(resumed.root, max_steps=6, **common), resumed, log=lambda _: None)
+    first = launch_training(make_cfg(resumed.root, max_steps=6, **common), resumed, log=lambda _: None)
     assert first.last_tag == "step_000006"
     lines: list[str] = []
-    second = train(make_cfg(resumed.root, max_steps=12, **common), resumed, log=lines.append)
+    second = launch_training(make_cfg(resumed.root, max_steps=12, **common), resumed, log=lines.append)
     assert any("resumed from" in line and "step_000006" in line for line in lines)
     assert second.steps == 12 and second.last_tag == "step_000012"
 
@@ -242,10 +243,10 @@ def test_zero3_resume_matches_an_uninterrupted_run(env, tmp_path_factory):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_next_call_resumes(env, tmp_path_factory):
-    from pretrain.launch import build_command, build_env, terminate, train
+    from pretrain.launch import build_command, build_env, launch_training, terminate
 
     paths = new_run(tmp_path_factory, "preempted")
-    cfg = make_cfg(paths.root, max_steps=100_000, log_every=1, checkpoint_every=100_000)
+    cfg = make_cfg(paths.root, max_steps=100_000, log_every=1, checkpoint={"every": 100_000})
     paths.config.write_text(dump_config(cfg))
     proc = subprocess.Popen(
         build_command(cfg, paths), env=build_env(cfg), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -261,5 +262,5 @@ def test_sigterm_saves_a_checkpoint_and_the_next_call_resumes(env, tmp_path_fact
     assert summary["last_checkpoint_tag"] == f"step_{summary['steps']:06d}"
 
     lines: list[str] = []
-    result = train(make_cfg(paths.root, max_steps=summary["steps"] + 2, log_every=1), paths, log=lines.append)
+    result = launch_training(make_cfg(paths.root, max_steps=summary["steps"] + 2, log_every=1), paths, log=lines.append)
     assert any("resumed from" in line for line in lines) and result.steps == summary["steps"] + 2

@@ -13,8 +13,8 @@ from pretrain.checkpoint import latest_tag, list_tags, prune_checkpoints
 from pretrain.data import DataIntegrityError, ShardDataset, TokenStream, load_manifest
 from pretrain.engine import deepspeed_config, lr_at, param_groups
 from pretrain.model import GPT
-from pretrain.synthetic import make_synthetic_run
 from pretrain_pipeline.config import ModelConfig, TrainConfig
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 
 def tiny(**kw) -> ModelConfig:
@@ -102,13 +102,13 @@ def test_generate_greedy_is_deterministic_and_sampling_uses_generator():
 
 
 def test_lr_schedule():
-    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    tc = TrainConfig(max_steps=110, optimizer={"lr": 1e-3}, schedule={"min_lr": 1e-4, "warmup_steps": 10})
     lrs = [lr_at(s, tc) for s in range(110)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lr_at(110, tc) == pytest.approx(1e-4) and lr_at(500, tc) == pytest.approx(1e-4)
     assert lr_at(60, tc) == pytest.approx(5.5e-4)  # halfway down the cosine
-    assert lr_at(50, TrainConfig(lr=1e-3, warmup_steps=0, lr_schedule="constant")) == 1e-3
+    assert lr_at(50, TrainConfig(optimizer={"lr": 1e-3}, schedule={"warmup_steps": 0, "kind": "constant"})) == 1e-3
 
 
 def test_weight_decay_groups():
@@ -122,8 +122,8 @@ def test_weight_decay_groups():
 
 
 def test_deepspeed_config():
-    tc = TrainConfig(zero_stage=3, offload_optimizer=True, offload_param=True, precision="bf16",
-                     micro_batch_size=4, grad_accum_steps=3, grad_clip=0.5)
+    tc = TrainConfig(zero={"stage": 3, "offload_optimizer": True, "offload_param": True}, precision="bf16",
+                     micro_batch_size=4, grad_accum_steps=3, optimizer={"grad_clip": 0.5})
     ds = deepspeed_config(tc, world_size=2)
     assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"]["stage"] == 3
@@ -137,18 +137,18 @@ def test_deepspeed_config():
 def test_deepspeed_config_reduction_knobs():
     # ZeRO-1 reduces whole gradients after backward (no per-parameter hook and bucket copies);
     # ZeRO-2/3 keep contiguous buckets for their partitioned gradients.
-    keep = {"keep_zero_stage_on_one_rank": True}
+    keep = {"keep_stage_on_one_rank": True}
     for world in (1, 2):
-        assert deepspeed_config(TrainConfig(zero_stage=1, **keep), world)["zero_optimization"]["contiguous_gradients"] is False
+        assert deepspeed_config(TrainConfig(zero={"stage": 1, **keep}), world)["zero_optimization"]["contiguous_gradients"] is False
         for stage in (2, 3):
-            assert deepspeed_config(TrainConfig(zero_stage=stage, **keep), world)["zero_optimization"]["contiguous_gradients"] is True
+            assert deepspeed_config(TrainConfig(zero={"stage": stage, **keep}), world)["zero_optimization"]["contiguous_gradients"] is True
     # One rank: "sum" skips the division by 1.0 (same gradients); more ranks average; ZeRO-3 refuses "sum".
-    assert deepspeed_config(TrainConfig(zero_stage=1, **keep), 1)["gradient_allreduce_op"] == "sum"
-    assert deepspeed_config(TrainConfig(zero_stage=2, precision="bf16"), 1)["gradient_allreduce_op"] == "sum"
-    assert deepspeed_config(TrainConfig(zero_stage=2, **keep), 1)["gradient_allreduce_op"] == "sum"
-    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=1), 2)
-    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=3, **keep), 1)
-    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero_stage=0), 1)
+    assert deepspeed_config(TrainConfig(zero={"stage": 1, **keep}), 1)["gradient_allreduce_op"] == "sum"
+    assert deepspeed_config(TrainConfig(zero={"stage": 2}, precision="bf16"), 1)["gradient_allreduce_op"] == "sum"
+    assert deepspeed_config(TrainConfig(zero={"stage": 2, **keep}), 1)["gradient_allreduce_op"] == "sum"
+    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero={"stage": 1}), 2)
+    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero={"stage": 3, **keep}), 1)
+    assert "gradient_allreduce_op" not in deepspeed_config(TrainConfig(zero={"stage": 0}), 1)
 
 
 def test_zero_on_one_rank_runs_as_zero0_in_fp32_and_zero1_in_bf16_unless_offloading_or_kept():
@@ -161,24 +161,25 @@ def test_zero_on_one_rank_runs_as_zero0_in_fp32_and_zero1_in_bf16_unless_offload
         return ds(world, **train)["zero_optimization"]["stage"]
 
     for configured in (1, 2, 3):
-        assert stage(1, zero_stage=configured) == 0 == effective_zero_stage(TrainConfig(zero_stage=configured), 1)
-        assert stage(1, zero_stage=configured, precision="bf16") == 1
-        assert stage(2, zero_stage=configured) == configured
-        assert stage(1, zero_stage=configured, keep_zero_stage_on_one_rank=True) == configured
-        assert stage(1, zero_stage=configured, offload_optimizer=True) == configured
-        assert zero_stage_note(TrainConfig(zero_stage=configured), 1).startswith(f"{configured} (runs as 0")
-    assert zero_stage_note(TrainConfig(zero_stage=3, precision="fp16"), 1).startswith("3 (runs as 1")
-    assert stage(1, zero_stage=3, offload_param=True) == 3
-    assert stage(1, zero_stage=0) == 0 and zero_stage_note(TrainConfig(zero_stage=0), 1) == "0"
-    assert zero_stage_note(TrainConfig(zero_stage=3), 2) == "3"
+        assert stage(1, zero={"stage": configured}) == 0 == effective_zero_stage(TrainConfig(zero={"stage": configured}), 1)
+        assert stage(1, zero={"stage": configured}, precision="bf16") == 1
+        assert stage(2, zero={"stage": configured}) == configured
+        assert stage(1, zero={"stage": configured, "keep_stage_on_one_rank": True}) == configured
+        assert stage(1, zero={"stage": configured, "offload_optimizer": True}) == configured
+        assert zero_stage_note(TrainConfig(zero={"stage": configured}), 1).startswith(f"{configured} (runs as 0")
+    assert zero_stage_note(TrainConfig(zero={"stage": 3}, precision="fp16"), 1).startswith("3 (runs as 1")
+    assert stage(1, zero={"stage": 3, "offload_param": True}) == 3
+    assert stage(1, zero={"stage": 0}) == 0 and zero_stage_note(TrainConfig(zero={"stage": 0}), 1) == "0"
+    assert zero_stage_note(TrainConfig(zero={"stage": 3}), 2) == "3"
     # ZeRO-0 in fp32 clips in our engine (torch's clip_grad_norm_, whose norm is also the metric),
     # so DeepSpeed's own clip is off; every other case leaves clipping to DeepSpeed.
-    assert clips_in_engine(TrainConfig(zero_stage=1), 1) and ds(1, zero_stage=1, grad_clip=0.7)["gradient_clipping"] == 0
-    assert clips_in_engine(TrainConfig(zero_stage=0), 2) and ds(2, zero_stage=0, grad_clip=0.7)["gradient_clipping"] == 0
-    for world, train in ((2, {"zero_stage": 1}), (1, {"zero_stage": 1, "precision": "bf16"}),
-                         (1, {"zero_stage": 0, "precision": "bf16"}), (1, {"zero_stage": 3, "keep_zero_stage_on_one_rank": True})):
+    assert clips_in_engine(TrainConfig(zero={"stage": 1}), 1) and ds(1, zero={"stage": 1}, optimizer={"grad_clip": 0.7})["gradient_clipping"] == 0
+    assert clips_in_engine(TrainConfig(zero={"stage": 0}), 2) and ds(2, zero={"stage": 0}, optimizer={"grad_clip": 0.7})["gradient_clipping"] == 0
+    for world, train in ((2, {"zero": {"stage": 1}}), (1, {"zero": {"stage": 1}, "precision": "bf16"}),
+                         (1, {"zero": {"stage": 0}, "precision": "bf16"}),
+                         (1, {"zero": {"stage": 3, "keep_stage_on_one_rank": True}})):
         assert not clips_in_engine(TrainConfig(**train), world)
-        assert ds(world, grad_clip=0.7, **train)["gradient_clipping"] == 0.7
+        assert ds(world, optimizer={"grad_clip": 0.7}, **train)["gradient_clipping"] == 0.7
 
 
 # ---------------------------------------------------------------- data
@@ -299,7 +300,8 @@ def test_gpt2_mapping_reproduces_logits(tmp_path, variant):
     from transformers import GPT2LMHeadModel
 
     from pretrain.export import verify_export
-    from pretrain.hf_convert import hf_config, to_hf_state_dict
+    from pretrain.hf_convert import hf_config
+    from test_export_hf import to_hf_state_dict  # tests/ is on sys.path (rootdir conftest)
 
     torch.manual_seed(0)
     model = GPT(tiny(**variant), vocab_size=80).eval()
@@ -332,7 +334,7 @@ def test_hf_tokenizer_matches_sentencepiece(run_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from pretrain.export import build_hf_tokenizer
-    from pretrain.synthetic import synthetic_documents
+    from synthetic import synthetic_documents
 
     path = run_dir / "tokenizer" / "tokenizer.model"
     sp = spm.SentencePieceProcessor(model_file=str(path))
@@ -355,11 +357,11 @@ def test_deepspeed_config_zero3_host_work():
     from pretrain.model import Block
 
     for world in (1, 2):
-        zero = deepspeed_config(TrainConfig(zero_stage=3, keep_zero_stage_on_one_rank=True), world)["zero_optimization"]
+        zero = deepspeed_config(TrainConfig(zero={"stage": 3, "keep_stage_on_one_rank": True}), world)["zero_optimization"]
         assert zero["leaf_module"]["classes"] == [f"{Block.__module__}.{Block.__qualname__}"]
         assert zero.get("reduce_scatter", True) is (world > 1)
         for stage in (0, 1, 2):
-            other = deepspeed_config(TrainConfig(zero_stage=stage), world)["zero_optimization"]
+            other = deepspeed_config(TrainConfig(zero={"stage": stage}), world)["zero_optimization"]
             assert "leaf_module" not in other and "reduce_scatter" not in other
     model = GPT(tiny(), vocab_size=64)
     set_z3_leaf_modules(model, zero["leaf_module"]["classes"])  # the class name resolves to the model's blocks
@@ -368,7 +370,7 @@ def test_deepspeed_config_zero3_host_work():
 
 def test_resume_refusal_names_the_stage_and_ranks_that_wrote_the_checkpoint(tmp_path):
     from pretrain.checkpoint import zero_stages_of
-    from pretrain.train import resume_refusal
+    from pretrain.trainer import resume_refusal
 
     recorded = {"zero_stage": 1, "world_size": 2, "rng": [{}, {}]}
     assert resume_refusal(recorded, 1, 2) is None
@@ -390,3 +392,21 @@ def test_resume_refusal_names_the_stage_and_ranks_that_wrote_the_checkpoint(tmp_
     assert resume_refusal(legacy, 1, 1) is None and resume_refusal(legacy, 2, 1) is None
     assert resume_refusal(legacy, 0, 1) == "was written by 1 rank(s) running ZeRO-1/2"
     assert resume_refusal({"rng": [{}]}, 0, 1) is None  # nothing known: DeepSpeed decides
+
+
+def test_loss_faults_corrupt_only_the_micro_batches_rank_0_is_told_to(monkeypatch):
+    from pretrain.faults import FAULT_NONFINITE_ENV, FAULT_NONFINITE_GRAD_ENV, LossFaults
+
+    monkeypatch.setenv(FAULT_NONFINITE_ENV, "1")
+    monkeypatch.setenv(FAULT_NONFINITE_GRAD_ENV, "2")
+    weight = torch.ones(3, requires_grad=True)
+    other_rank = LossFaults(rank=1)
+    assert all(torch.isfinite(other_rank.apply((weight * 2).sum())) for _ in range(4))
+    faults = LossFaults(rank=0)
+    losses = [faults.apply((weight * 2).sum()) for _ in range(4)]
+    assert [bool(torch.isfinite(loss)) for loss in losses] == [True, False, True, True]
+    losses[3].backward()  # an untouched micro-batch: finite gradients
+    assert torch.equal(weight.grad, torch.full((3,), 2.0))
+    weight.grad = None
+    losses[2].backward()  # finite loss, NaN gradients
+    assert torch.isnan(weight.grad).all()

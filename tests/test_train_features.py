@@ -19,16 +19,17 @@ import torch
 
 from pretrain.engine import lr_at
 from pretrain.model import GPT
-from pretrain.synthetic import make_synthetic_run, synthetic_documents
 from pretrain.tracking import losses_by_step, metrics_by_step
 from pretrain_pipeline.artifacts import RunPaths, read_json, sha256_file
-from pretrain_pipeline.config import ConfigError, ModelConfig, TrainConfig, build_config
+from pretrain_pipeline.config import ConfigError, ModelConfig, TrainConfig, build_config, merge_tree
+from synthetic import make_synthetic_run, synthetic_documents  # tests/ is on sys.path (rootdir conftest)
 
 # ----------------------------------------------------------------------------- unit
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_to_min_lr():
-    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100, lr_schedule="wsd", decay_fraction=0.2)
+    tc = TrainConfig(max_steps=100, optimizer={"lr": 1e-3},
+                     schedule={"min_lr": 1e-4, "warmup_steps": 10, "kind": "wsd", "decay_fraction": 0.2})
     lrs = [lr_at(s, tc) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # warmup as for cosine
     assert all(lr == pytest.approx(1e-3) for lr in lrs[10:80])  # stable phase at the peak
@@ -36,7 +37,7 @@ def test_wsd_schedule_warms_up_holds_then_decays_to_min_lr():
     assert lrs[90] == pytest.approx(1e-4 + 0.5 * 9e-4)  # linear: halfway down at half the decay
     assert lr_at(100, tc) == pytest.approx(1e-4) and lr_at(1000, tc) == pytest.approx(1e-4)
 
-    sqrt = tc.model_copy(update={"wsd_decay": "1-sqrt"})
+    sqrt = tc.model_copy(update={"schedule": tc.schedule.model_copy(update={"wsd_decay": "1-sqrt"})})
     assert lr_at(90, sqrt) == pytest.approx(1e-4 + (1 - math.sqrt(0.5)) * 9e-4)
     assert lr_at(79, sqrt) == pytest.approx(1e-3) and lr_at(100, sqrt) == pytest.approx(1e-4)
     assert lr_at(90, sqrt) < lr_at(90, tc)  # 1-sqrt drops faster early in the decay
@@ -44,7 +45,7 @@ def test_wsd_schedule_warms_up_holds_then_decays_to_min_lr():
 
 def test_wsd_refuses_warmup_overlapping_the_decay():
     with pytest.raises(ValueError, match="wsd.*exceed max_steps"):
-        TrainConfig(lr_schedule="wsd", warmup_steps=90, max_steps=100, decay_fraction=0.2)
+        TrainConfig(max_steps=100, schedule={"kind": "wsd", "warmup_steps": 90, "decay_fraction": 0.2})
 
 
 # Published totals (tied embeddings, vocab 50257, 1024 positions), as Hugging Face reports them.
@@ -114,15 +115,15 @@ def test_resume_on_another_zero_stage_or_world_size_is_refused_by_name(state_dir
     """DeepSpeed cannot read one stage's optimizer files as another's, nor re-partition ZeRO state:
     the launch says which ranks and stage wrote the checkpoint, before DeepSpeed loads anything."""
     from pretrain.checkpoint import load_client_state
-    from pretrain.launch import TrainingFailed, train
+    from pretrain.launch import TrainingFailed, launch_training
 
     paths = new_run(tmp_path, "restage")
-    train(make_cfg(paths, max_steps=2), paths, log=lambda _: None)  # one fp32 rank: ZeRO-1 runs as 0
+    launch_training(make_cfg(paths, max_steps=2), paths, log=lambda _: None)  # one fp32 rank: ZeRO-1 runs as 0
     assert {k: load_client_state(paths.checkpoints)[k] for k in ("world_size", "zero_stage")} == {"world_size": 1, "zero_stage": 0}
-    for changed, launched in (({"nproc_per_node": 2}, "ZeRO-1 on 2 rank(s)"),
-                              ({"keep_zero_stage_on_one_rank": True}, "ZeRO-1 on 1 rank(s)")):
+    for changed, launched in (({"launch": {"nproc_per_node": 2}}, "ZeRO-1 on 2 rank(s)"),
+                              ({"zero": {"keep_stage_on_one_rank": True}}, "ZeRO-1 on 1 rank(s)")):
         with pytest.raises(TrainingFailed):
-            train(make_cfg(paths, max_steps=4, **changed), paths, log=lambda _: None)
+            launch_training(make_cfg(paths, max_steps=4, **changed), paths, log=lambda _: None)
         log = (paths.train / "launcher.log").read_text()
         assert f"was written by 1 rank(s) running ZeRO-0; this launch runs {launched}" in log
     assert load_client_state(paths.checkpoints)["step"] == 2  # nothing was overwritten
@@ -137,11 +138,12 @@ def make_cfg(paths: RunPaths, **train):
             "data": {"sample_corpus": True},
             "tokenizer": {"vocab_size": 320},
             "model": {"preset": "tiny", "block_size": 32},
-            "train": {
-                "zero_stage": 1, "nproc_per_node": 1, "micro_batch_size": 8, "grad_accum_steps": 1,
-                "max_steps": 4, "warmup_steps": 0, "lr_schedule": "constant", "lr": 3e-3, "log_every": 1,
-                "eval_every": 1000, "eval_batches": 1, "checkpoint_every": 1000, "device": "cpu", **train,
-            },
+            "train": merge_tree({
+                "micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 4, "log_every": 1, "device": "cpu",
+                "zero": {"stage": 1}, "launch": {"nproc_per_node": 1}, "optimizer": {"lr": 3e-3},
+                "schedule": {"warmup_steps": 0, "kind": "constant"}, "validation": {"every": 1000, "batches": 1},
+                "checkpoint": {"every": 1000},
+            }, train),
             "tracking": {"wandb_mode": "disabled"},
             "runtime": {"run_name": paths.root.name, "runs_root": str(paths.root.parent)},
         }
@@ -171,17 +173,17 @@ def zero3_runs(tmp_path_factory):
     """
     import os
 
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     root = tmp_path_factory.mktemp("features")
     old = os.environ.get("PRETRAIN_PIPELINE_STATE")
     os.environ["PRETRAIN_PIPELINE_STATE"] = str(root / "state")
     out = {}
     try:
-        for name, extra in {"eager": {}, "ckpt": {"activation_checkpointing": True}, "compiled": {"compile": True, "zero_stage": 1}}.items():
+        for name, extra in {"eager": {}, "ckpt": {"activation_checkpointing": True}, "compiled": {"compile": True, "zero": {"stage": 1}}}.items():
             paths = new_run(root, name)
             lines: list[str] = []
-            train(make_cfg(paths, **{"zero_stage": 3, "keep_zero_stage_on_one_rank": True, **extra}), paths, log=lines.append)
+            launch_training(make_cfg(paths, **merge_tree({"zero": {"stage": 3, "keep_stage_on_one_rank": True}}, extra)), paths, log=lines.append)
             out[name] = (paths, lines)
     finally:
         if old is None:
@@ -233,8 +235,8 @@ def tokenized_source(tmp_path: Path, name: str, seed: int, n_docs: int, **tokeni
     cfg = build_config(
         {
             # The grammar's short, similar sentences are what near-dup and quality rules drop.
-            "data": {"inputs": [str(raw)], "language_filter": False, "gopher_repetition": False,
-                     "min_stop_words": 0, "fineweb_filter": False, "minhash_dedup": False},
+            "data": {"inputs": [str(raw)], "language": {"enabled": False}, "gopher_repetition": {"enabled": False},
+                     "gopher_quality": {"min_stop_words": 0}, "fineweb": {"enabled": False}, "minhash_dedup": False},
             "tokenizer": {"vocab_size": 320, "val_fraction": 0.1, **tokenizer},
             "runtime": {"run_name": name, "runs_root": str(tmp_path / "runs"), "num_cpus": 2},
         }
@@ -247,7 +249,7 @@ def tokenized_source(tmp_path: Path, name: str, seed: int, n_docs: int, **tokeni
 @pytest.mark.integration
 def test_data_mixture_3_to_1_trains_logs_shares_and_survives_resume(ray_cluster, state_dir, tmp_path):
     from pretrain.data import build_train_loader
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     # Two corpora, one tokenizer: web trains it, books reuses it (tokenizer.from_run).
     web = tokenized_source(tmp_path, "web", seed=0, n_docs=680)
@@ -255,12 +257,12 @@ def test_data_mixture_3_to_1_trains_logs_shares_and_survives_resume(ray_cluster,
     assert read_json(books.tokenizer / "meta.json")["from_run"]["run"] == "web"
     assert sha256_file(books.tokenizer / "tokenizer.model") == sha256_file(web.tokenizer / "tokenizer.model")
     mix = {"web": 3, "books": 1}
-    common = dict(data_mixture=mix, grad_accum_steps=2, checkpoint_every=5)
-    first = train(make_cfg(web, max_steps=10, **common), web, log=lambda _: None)
+    common = dict(data_mixture=mix, grad_accum_steps=2, checkpoint={"every": 5})
+    first = launch_training(make_cfg(web, max_steps=10, **common), web, log=lambda _: None)
     assert first.steps == 10
     lines: list[str] = []
     cfg = make_cfg(web, max_steps=20, **common)
-    result = train(cfg, web, log=lines.append)
+    result = launch_training(cfg, web, log=lines.append)
     assert any("resumed from" in x and "step_000010" in x for x in lines) and result.steps == 20
 
     # Which source serves micro-batch k is a pure function of (seed, k): recount it independently.
@@ -289,15 +291,15 @@ def test_data_mixture_with_a_foreign_tokenizer_is_refused_before_training(tmp_pa
 @pytest.mark.integration
 def test_diverging_run_stops_on_every_rank_and_keeps_the_last_good_checkpoint(state_dir, tmp_path):
     from pretrain.checkpoint import latest_tag, list_tags, load_client_state, load_consolidated_state_dict
-    from pretrain.launch import TrainingFailed, train
+    from pretrain.launch import TrainingFailed, launch_training
 
     paths = new_run(tmp_path, "diverge")
     # One AdamW step at lr 1e30 without clipping moves every weight by ~1e30: the next forward
     # overflows fp32 and the loss is NaN. (Moderately high LRs only saturate the loss on this data.)
-    cfg = make_cfg(paths, nproc_per_node=2, lr=1e30, grad_clip=0.0, max_steps=6, checkpoint_every=1,
-                   keep_last_checkpoints=2)
+    cfg = make_cfg(paths, launch={"nproc_per_node": 2}, optimizer={"lr": 1e30, "grad_clip": 0.0}, max_steps=6,
+                   checkpoint={"every": 1, "keep_last": 2})
     with pytest.raises(TrainingFailed) as info:
-        train(cfg, paths, log=lambda _: None)
+        launch_training(cfg, paths, log=lambda _: None)
     # The launcher's error names its log; torchrun's failure report fills the tail it quotes.
     assert str(paths.train / "launcher.log") in str(info.value)
     assert "exitcode  : 4" in str(info.value)
@@ -309,7 +311,7 @@ def test_diverging_run_stops_on_every_rank_and_keeps_the_last_good_checkpoint(st
     root_cause = msg.split("Root Cause (first observed failure):")[1]
     assert "exitcode  : 4 " in root_cause
     assert set(re.findall(r"exitcode  : (-?\d+)", msg)) <= {"4", "-15"} and "Traceback" not in msg.split("error:")[0]
-    assert "[pretrain] error: non-finite loss at step" in msg and "train.nonfinite_loss=stop" in msg
+    assert "[pretrain] error: non-finite loss at step" in msg and "train.recovery.nonfinite_loss=stop" in msg
     bad_step = int(msg.split("non-finite loss at step ")[1].split()[0])
     assert bad_step == 2
     good = f"step_{bad_step - 1:06d}"
@@ -324,17 +326,17 @@ def test_diverging_run_stops_on_every_rank_and_keeps_the_last_good_checkpoint(st
 
 @pytest.mark.integration
 def test_skip_drops_nonfinite_micro_batches_on_every_rank_and_finishes(state_dir, tmp_path, monkeypatch):
-    from pretrain.launch import train
-    from pretrain.train import FAULT_NONFINITE_ENV
+    from pretrain.faults import FAULT_NONFINITE_ENV
+    from pretrain.launch import launch_training
 
     paths = new_run(tmp_path, "skip")
     # Rank 0 alone sees NaN losses at its micro-batches 3 and 4; rank 1's are finite, so only the
     # all-reduced verdict keeps the two ranks' DeepSpeed accumulation in step (else: a hang).
     monkeypatch.setenv(FAULT_NONFINITE_ENV, "3,4")
-    cfg = make_cfg(paths, nproc_per_node=2, zero_stage=2, grad_accum_steps=2, max_steps=6,
-                   nonfinite_loss="skip", max_skipped_batches=2)
+    cfg = make_cfg(paths, launch={"nproc_per_node": 2}, zero={"stage": 2}, grad_accum_steps=2, max_steps=6,
+                   recovery={"nonfinite_loss": "skip", "max_skipped_batches": 2})
     lines: list[str] = []
-    result = train(cfg, paths, log=lines.append)
+    result = launch_training(cfg, paths, log=lines.append)
     assert result.steps == 6 and math.isfinite(result.final_loss)
     recs = metrics_by_step(paths.metrics)
     assert [recs[s]["train/skipped_batches"] for s in range(1, 7)] == [0, 2, 2, 2, 2, 2]
@@ -354,20 +356,21 @@ def test_skip_drops_nonfinite_micro_batches_on_every_rank_and_finishes(state_dir
 
 @pytest.mark.integration
 def test_skip_stops_once_over_the_cap(state_dir, tmp_path, monkeypatch):
-    from pretrain.launch import TrainingFailed, train
-    from pretrain.train import FAULT_NONFINITE_ENV
+    from pretrain.faults import FAULT_NONFINITE_ENV
+    from pretrain.launch import TrainingFailed, launch_training
 
     from pretrain.checkpoint import latest_tag, load_client_state, load_consolidated_state_dict
 
     paths = new_run(tmp_path, "cap")
     # Steps 1 and 2 train (micro-batches 0, 1) and are saved; step 3 meets three NaN losses in a row.
     monkeypatch.setenv(FAULT_NONFINITE_ENV, "2,3,4")
-    cfg = make_cfg(paths, max_steps=6, nonfinite_loss="skip", max_skipped_batches=2, checkpoint_every=1)
+    cfg = make_cfg(paths, max_steps=6, recovery={"nonfinite_loss": "skip", "max_skipped_batches": 2},
+                   checkpoint={"every": 1})
     with pytest.raises(TrainingFailed, match="exitcode  : 4"):
-        train(cfg, paths, log=lambda _: None)
+        launch_training(cfg, paths, log=lambda _: None)
     log = (paths.train / "launcher.log").read_text()
     assert ("non-finite loss at step 3 (micro-batch 1 of 1, lr 0.003); stopped without saving (3 skipped "
-            "micro-batches > train.max_skipped_batches=2); latest checkpoint step_000002 is the last good state") in log
+            "micro-batches > train.recovery.max_skipped_batches=2); latest checkpoint step_000002 is the last good state") in log
     assert latest_tag(paths.checkpoints) == "step_000002" and load_client_state(paths.checkpoints)["step"] == 2
     # The NaN never reached backward: the saved weights are all finite.
     assert all(torch.isfinite(t).all() for t in load_consolidated_state_dict(paths.checkpoints).values())
@@ -378,21 +381,21 @@ def test_skip_stops_once_over_the_cap(state_dir, tmp_path, monkeypatch):
 def test_nan_gradients_with_a_finite_loss_stop_without_saving(state_dir, tmp_path, monkeypatch, zero_stage):
     """A finite loss whose gradients are NaN: without ZeRO our own check drops them before the
     torch optimizer steps; under ZeRO DeepSpeed skips the update itself. Either way the run stops
-    (train.nonfinite_loss: stop) and the last good checkpoint is the latest, with finite weights."""
+    (train.recovery.nonfinite_loss: stop) and the last good checkpoint is the latest, with finite weights."""
     from pretrain.checkpoint import latest_tag, load_client_state, load_consolidated_state_dict
-    from pretrain.launch import TrainingFailed, train
-    from pretrain.train import FAULT_NONFINITE_GRAD_ENV
+    from pretrain.faults import FAULT_NONFINITE_GRAD_ENV
+    from pretrain.launch import TrainingFailed, launch_training
 
     paths = new_run(tmp_path, f"nangrad{zero_stage}")
     monkeypatch.setenv(FAULT_NONFINITE_GRAD_ENV, "2")  # step 3's only micro-batch
     # On one rank fp32 ZeRO-1 runs as ZeRO-0 unless kept (pretrain.engine.effective_zero_stage).
-    cfg = make_cfg(paths, zero_stage=zero_stage, max_steps=5, checkpoint_every=1, keep_last_checkpoints=5,
-                   keep_zero_stage_on_one_rank=True)
+    cfg = make_cfg(paths, zero={"stage": zero_stage, "keep_stage_on_one_rank": True}, max_steps=5,
+                   checkpoint={"every": 1, "keep_last": 5})
     with pytest.raises(TrainingFailed, match="exitcode  : 4"):
-        train(cfg, paths, log=lambda _: None)
+        launch_training(cfg, paths, log=lambda _: None)
     log = (paths.train / "launcher.log").read_text()
     assert ("non-finite gradients at step 3 (finite loss, lr 0.003); the update was not applied; stopped "
-            "without saving (train.nonfinite_loss=stop); latest checkpoint step_000002 is the last good state") in log
+            "without saving (train.recovery.nonfinite_loss=stop); latest checkpoint step_000002 is the last good state") in log
     assert latest_tag(paths.checkpoints) == "step_000002" and load_client_state(paths.checkpoints)["step"] == 2
     assert all(torch.isfinite(t).all() for t in load_consolidated_state_dict(paths.checkpoints).values())
     assert sorted(losses_by_step(paths.metrics)) == [1, 2]
@@ -401,17 +404,18 @@ def test_nan_gradients_with_a_finite_loss_stop_without_saving(state_dir, tmp_pat
 @pytest.mark.integration
 def test_nan_gradients_with_a_finite_loss_are_skipped_and_the_weights_stay_finite(state_dir, tmp_path, monkeypatch):
     from pretrain.checkpoint import load_client_state, load_consolidated_state_dict
-    from pretrain.launch import train
-    from pretrain.train import FAULT_NONFINITE_GRAD_ENV
+    from pretrain.faults import FAULT_NONFINITE_GRAD_ENV
+    from pretrain.launch import launch_training
 
     paths = new_run(tmp_path, "nangradskip")
     # Step 2's boundary (micro-batch 3 of 0..3, two per step) has NaN gradients: both of its
     # micro-batches are skipped and step 2 is redone with the next two.
     monkeypatch.setenv(FAULT_NONFINITE_GRAD_ENV, "3")
     # No clipping: the NaN check and train/grad_norm then come from the unclipped total norm.
-    cfg = make_cfg(paths, grad_accum_steps=2, max_steps=4, nonfinite_loss="skip", max_skipped_batches=2, grad_clip=0.0)
+    cfg = make_cfg(paths, grad_accum_steps=2, max_steps=4, recovery={"nonfinite_loss": "skip", "max_skipped_batches": 2},
+                   optimizer={"grad_clip": 0.0})
     lines: list[str] = []
-    result = train(cfg, paths, log=lines.append)
+    result = launch_training(cfg, paths, log=lines.append)
     assert result.steps == 4 and math.isfinite(result.final_loss)
     assert [metrics_by_step(paths.metrics)[s]["train/skipped_batches"] for s in range(1, 5)] == [0, 2, 2, 2]
     # ZeRO-0 (what ZeRO-1 runs as on one fp32 rank) clips in our engine, which also reports the norm.

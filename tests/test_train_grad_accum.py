@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.launch import train
-from pretrain.synthetic import make_synthetic_run
+from pretrain.launch import launch_training
 from pretrain_pipeline.artifacts import RunPaths
 from pretrain_pipeline.config import build_config
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.integration
 
@@ -25,16 +25,16 @@ def run(tmp_path: Path, name: str, micro: int, accum: int, keep_zero1: bool) -> 
             "tokenizer": {"vocab_size": 320},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
             "train": {
-                "zero_stage": 1, "keep_zero_stage_on_one_rank": keep_zero1,
-                "nproc_per_node": 1, "micro_batch_size": micro, "grad_accum_steps": accum,
-                "max_steps": 6, "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4, "log_every": 1,
-                "eval_every": 100, "eval_batches": 1, "checkpoint_every": 100, "device": "cpu",
+                "micro_batch_size": micro, "grad_accum_steps": accum, "max_steps": 6, "log_every": 1, "device": "cpu",
+                "zero": {"stage": 1, "keep_stage_on_one_rank": keep_zero1}, "launch": {"nproc_per_node": 1},
+                "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2, "min_lr": 3e-4},
+                "validation": {"every": 100, "batches": 1}, "checkpoint": {"every": 100},
             },
             "tracking": {"wandb_mode": "disabled"},
             "runtime": {"run_name": name, "runs_root": str(paths.root.parent)},
         }
     )
-    train(cfg, paths, log=lambda _: None)
+    launch_training(cfg, paths, log=lambda _: None)
     records = [json.loads(line) for line in paths.metrics.read_text().splitlines()]
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 

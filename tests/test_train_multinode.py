@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.launch import build_command, build_env, train, write_deepspeed_env
-from pretrain.synthetic import make_synthetic_run
+from pretrain.launch import build_command, build_env, launch_training, write_deepspeed_env
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, read_stage_record
-from pretrain_pipeline.config import build_config, dump_config
+from pretrain_pipeline.config import build_config, dump_config, merge_tree
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 
 def make_cfg(root: Path, **train_overrides):
@@ -27,12 +27,12 @@ def make_cfg(root: Path, **train_overrides):
             "data": {"sample_corpus": True},
             "tokenizer": {"vocab_size": 320},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
-            "train": {
-                "zero_stage": 1, "nproc_per_node": 2, "micro_batch_size": 4, "grad_accum_steps": 1,
-                "max_steps": 6, "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4, "log_every": 1,
-                "eval_every": 100, "eval_batches": 1, "checkpoint_every": 100, "device": "cpu",
-                **train_overrides,
-            },
+            "train": merge_tree({
+                "micro_batch_size": 4, "grad_accum_steps": 1, "max_steps": 6, "log_every": 1, "device": "cpu",
+                "zero": {"stage": 1}, "launch": {"nproc_per_node": 2}, "optimizer": {"lr": 3e-3},
+                "schedule": {"warmup_steps": 2, "min_lr": 3e-4}, "validation": {"every": 100, "batches": 1},
+                "checkpoint": {"every": 100},
+            }, train_overrides),
             "tracking": {"wandb_mode": "disabled"},
             "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
         }
@@ -45,11 +45,11 @@ def test_single_node_torchrun_rendezvous_on_loopback(tmp_path):
     # pretrain.launch runs torchrun with its store on 127.0.0.1 (tests/test_launch_listeners.py).
     cmd = build_command(make_cfg(tmp_path / "r"), RunPaths(tmp_path / "r"))
     assert cmd[1:3] == ["-m", "pretrain.launch"] and "--node_rank" not in cmd
-    assert cmd[cmd.index("-m", 3) + 1] == "pretrain.train"
+    assert cmd[cmd.index("-m", 3) + 1] == "pretrain.trainer"
 
 
 def test_multi_node_torchrun_uses_static_rendezvous(tmp_path):
-    cfg = make_cfg(tmp_path / "r", nnodes=4, node_rank=2, master_addr="10.0.0.1", master_port=29555)
+    cfg = make_cfg(tmp_path / "r", launch={"nnodes": 4, "node_rank": 2, "master_addr": "10.0.0.1", "master_port": 29555})
     cmd = build_command(cfg, RunPaths(tmp_path / "r"))
     assert "--standalone" not in cmd
     flags = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
@@ -60,12 +60,12 @@ def test_multi_node_torchrun_uses_static_rendezvous(tmp_path):
 def test_deepspeed_hostfile_pdsh_and_no_ssh(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=8\nnode-b slots=8\n")
-    pdsh = build_command(make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2, hostfile=str(hostfile),
-                                  master_addr="node-a"), RunPaths(tmp_path / "r"))
+    deepspeed = {"launcher": "deepspeed", "nnodes": 2, "hostfile": str(hostfile), "master_addr": "node-a"}
+    pdsh = build_command(make_cfg(tmp_path / "r", launch=deepspeed), RunPaths(tmp_path / "r"))
     assert pdsh[pdsh.index("--hostfile") + 1] == str(hostfile) and "--no_ssh" not in pdsh
     assert pdsh[pdsh.index("--master_addr") + 1] == "node-a"
-    per_node = build_command(make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2, hostfile=str(hostfile),
-                                      no_ssh=True, node_rank=1, master_addr="node-a"), RunPaths(tmp_path / "r"))
+    per_node = build_command(make_cfg(tmp_path / "r", launch={**deepspeed, "no_ssh": True, "node_rank": 1}),
+                             RunPaths(tmp_path / "r"))
     assert "--no_ssh" in per_node and per_node[per_node.index("--node_rank") + 1] == "1"
     # Options go to the launcher, before the module it runs.
     assert per_node.index("--no_ssh") < per_node.index("--module")
@@ -83,8 +83,8 @@ def test_pdsh_launch_forwards_rank_settings_but_no_secrets(tmp_path, monkeypatch
         monkeypatch.setenv(name, value)
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    cfg = make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2, nproc_per_node=1, hostfile=str(hostfile),
-                   master_addr="node-a")
+    cfg = make_cfg(tmp_path / "r", launch={"launcher": "deepspeed", "nnodes": 2, "nproc_per_node": 1,
+                                           "hostfile": str(hostfile), "master_addr": "node-a"})
     cfg.tracking.wandb_mode = "offline"
     paths = RunPaths(tmp_path / "r")
     build_command(cfg, paths)
@@ -102,7 +102,8 @@ def test_pdsh_launch_forwards_rank_settings_but_no_secrets(tmp_path, monkeypatch
         assert secret not in text, secret
     assert "WANDB_API_KEY" in logged[0] and "planted" not in logged[0]
     # One command per node (--no_ssh) and one node need no file: their ranks inherit this environment.
-    per_node = make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2, hostfile=str(hostfile), no_ssh=True)
+    per_node = make_cfg(tmp_path / "r", launch={"launcher": "deepspeed", "nnodes": 2, "hostfile": str(hostfile),
+                                                "no_ssh": True})
     assert write_deepspeed_env(per_node, paths, build_env(per_node)) is None
 
 
@@ -133,11 +134,11 @@ def test_online_wandb_accepts_a_netrc_key(tmp_path, monkeypatch):
 
 def test_bad_multi_node_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="node_rank"):
-        make_cfg(tmp_path / "r", nnodes=2, node_rank=2)
+        make_cfg(tmp_path / "r", launch={"nnodes": 2, "node_rank": 2})
     with pytest.raises(ValueError, match="hostfile"):
-        build_command(make_cfg(tmp_path / "r", launcher="deepspeed", nnodes=2), RunPaths(tmp_path / "r"))
+        build_command(make_cfg(tmp_path / "r", launch={"launcher": "deepspeed", "nnodes": 2}), RunPaths(tmp_path / "r"))
     with pytest.raises(FileNotFoundError, match="hostfile"):
-        build_command(make_cfg(tmp_path / "r", launcher="deepspeed", hostfile=str(tmp_path / "nope")),
+        build_command(make_cfg(tmp_path / "r", launch={"launcher": "deepspeed", "hostfile": str(tmp_path / "nope")}),
                       RunPaths(tmp_path / "r"))
 
 
@@ -154,12 +155,12 @@ def test_two_nodes_match_one_node_two_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
     one = RunPaths(tmp_path / "runs" / "one")
     make_synthetic_run(one.root)
-    train(make_cfg(one.root), one, log=lambda _: None)
+    launch_training(make_cfg(one.root), one, log=lambda _: None)
 
     two = RunPaths(tmp_path / "runs" / "two")
     make_synthetic_run(two.root)
     port = free_port()
-    nodes = [make_cfg(two.root, nproc_per_node=1, nnodes=2, node_rank=r, master_port=port) for r in (0, 1)]
+    nodes = [make_cfg(two.root, launch={"nproc_per_node": 1, "nnodes": 2, "node_rank": r, "master_port": port}) for r in (0, 1)]
     # Node 0 writes config.yaml; write it first so node 1's rank never races it (on a cluster the
     # run directory is prepared before the job starts).
     atomic_write_text(two.config, dump_config(nodes[0]))
@@ -167,7 +168,7 @@ def test_two_nodes_match_one_node_two_processes(tmp_path, monkeypatch):
 
     def node(rank: int) -> None:
         try:
-            results[rank] = train(nodes[rank], two, log=lambda _: None)
+            results[rank] = launch_training(nodes[rank], two, log=lambda _: None)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 

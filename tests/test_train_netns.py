@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.launch import train
+from pretrain.launch import launch_training
 from pretrain.plan import make_plan, plan_vocab_size
-from pretrain.synthetic import make_synthetic_run
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, read_stage_record
 from pretrain_pipeline.config import dump_config, load_config
 from test_train_multinode import make_cfg  # tests/ is on sys.path (rootdir conftest)
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBNET = "10.231.0"
@@ -103,7 +103,7 @@ def netns_pair():
 def start_node(ns: str, dev: str, config: Path, rank: int, overrides: list[str], log: Path) -> subprocess.Popen:
     """``pretrain-pipeline train`` for node ``rank``, run inside namespace ``ns``."""
     cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "pretrain_pipeline.cli", "train", "--config", str(config)]
-    for override in (*overrides, f"train.node_rank={rank}"):
+    for override in (*overrides, f"train.launch.node_rank={rank}"):
         cmd += ["--set", override]
     # gloo otherwise binds to whatever the hostname resolves to, which no namespace here has.
     node_env = {**os.environ, "GLOO_SOCKET_IFNAME": dev, "TP_SOCKET_IFNAME": dev}
@@ -125,18 +125,18 @@ def test_two_namespaced_nodes_match_one_node_two_processes(tmp_path, monkeypatch
 
     one = RunPaths(tmp_path / "runs" / "one")
     shutil.copytree(data, one.root)
-    train(make_cfg(one.root), one, log=lambda _: None)
+    launch_training(make_cfg(one.root), one, log=lambda _: None)
 
     # Both "machines" see the same run directory, as on a cluster with a shared filesystem.
     two = RunPaths(tmp_path / "runs" / "two")
     shutil.copytree(data, two.root)
     config = tmp_path / "two.yaml"
-    config.write_text(dump_config(make_cfg(two.root, nproc_per_node=1, nnodes=2)))
-    overrides = [f"train.master_addr={SUBNET}.1", f"train.master_port={MASTER_PORT}"]
+    config.write_text(dump_config(make_cfg(two.root, launch={"nproc_per_node": 1, "nnodes": 2})))
+    overrides = [f"train.launch.master_addr={SUBNET}.1", f"train.launch.master_port={MASTER_PORT}"]
     # Node 0 writes config.yaml; write it first so node 1's rank never finds it missing (on a
     # cluster the run directory is prepared before the job starts). Node 1's CLI rewrites it with
     # its own node_rank, which the ranks do not read.
-    atomic_write_text(two.config, dump_config(load_config(config, [*overrides, "train.node_rank=0"])))
+    atomic_write_text(two.config, dump_config(load_config(config, [*overrides, "train.launch.node_rank=0"])))
     procs: list[subprocess.Popen] = []
     logs = [tmp_path / f"node{r}.out" for r in (0, 1)]
     try:

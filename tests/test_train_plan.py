@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.plan import GiB, PlanDoesNotFit, check_fits, make_plan, mfu, peak_flops
-from pretrain_pipeline.config import build_config
+from pretrain_pipeline.config import build_config, merge_tree
 
 
 def cfg(**train):
@@ -16,7 +16,9 @@ def cfg(**train):
             "data": {"sample_corpus": True},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32, "vocab_size": 320},
             "tokenizer": {"vocab_size": 320},
-            "train": {"micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 100, "nproc_per_node": 2, **train},
+            "train": merge_tree(
+                {"micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 100, "launch": {"nproc_per_node": 2}}, train
+            ),
         }
     )
 
@@ -40,7 +42,7 @@ def test_mfu_hand_count():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_zero_stages_shard_memory(precision):
-    plans = {s: make_plan(cfg(zero_stage=s, precision=precision), 320) for s in (0, 1, 2, 3)}
+    plans = {s: make_plan(cfg(zero={"stage": s}, precision=precision), 320) for s in (0, 1, 2, 3)}
     n = plans[0].params_total
     w, g, o = (4, 4, 8) if precision == "fp32" else (2, 2, 12)
     assert plans[0].weights_gb * GiB == n * w and plans[0].optimizer_gb * GiB == n * o
@@ -49,25 +51,25 @@ def test_zero_stages_shard_memory(precision):
     assert plans[2].grads_gb == plans[0].grads_gb / 2
     assert plans[3].weights_gb == plans[0].weights_gb / 2
     assert plans[3].total_gb < plans[2].total_gb < plans[1].total_gb < plans[0].total_gb
-    assert make_plan(cfg(zero_stage=2, offload_optimizer=True), 320).optimizer_gb == 0
+    assert make_plan(cfg(zero={"stage": 2, "offload_optimizer": True}), 320).optimizer_gb == 0
     # One rank has nothing to partition: the plan counts the stage that runs (fp32: 0, else 1).
-    one_rank = {s: make_plan(cfg(zero_stage=s, precision=precision), 320, world_size=1) for s in (0, 1, 3)}
+    one_rank = {s: make_plan(cfg(zero={"stage": s}, precision=precision), 320, world_size=1) for s in (0, 1, 3)}
     runs_as = 0 if precision == "fp32" else 1
-    assert one_rank[3].total_gb == one_rank[1].total_gb == make_plan(cfg(zero_stage=runs_as, precision=precision), 320, world_size=1).total_gb
+    assert one_rank[3].total_gb == one_rank[1].total_gb == make_plan(cfg(zero={"stage": runs_as}, precision=precision), 320, world_size=1).total_gb
     assert one_rank[3].zero_stage.startswith(f"3 (runs as {runs_as}")
 
 
 def test_tokens_and_refusal():
-    p = make_plan(cfg(peak_tflops=100, planned_mfu=0.5), 320)
+    p = make_plan(cfg(plan={"peak_tflops": 100, "planned_mfu": 0.5}), 320)
     assert p.tokens_per_step == 4 * 2 * 32 * 2 and p.tokens == 100 * p.tokens_per_step
     assert p.eta_hours == pytest.approx(p.tokens * p.flops_per_token / (2 * 100e12 * 0.5) / 3600)
-    check_fits(make_plan(cfg(device_memory_gb=80), 320))
+    check_fits(make_plan(cfg(plan={"device_memory_gb": 80}), 320))
     with pytest.raises(PlanDoesNotFit, match="device_memory_gb"):
-        check_fits(make_plan(cfg(device_memory_gb=1e-6), 320))
+        check_fits(make_plan(cfg(plan={"device_memory_gb": 1e-6}), 320))
 
 
 def test_cli_plan_refuses(capsys):
     from pretrain_pipeline.cli import main
 
-    assert main(["plan", "-c", str(Path(__file__).resolve().parent.parent / "configs/smoke.yaml"), "--set", "train.device_memory_gb=0.000001", "--set", "model.n_layer=2"]) == 3
+    assert main(["plan", "-c", str(Path(__file__).resolve().parent.parent / "configs/smoke.yaml"), "--set", "train.plan.device_memory_gb=0.000001", "--set", "model.n_layer=2"]) == 3
     assert "per-rank memory" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``train.launcher: ray``: the torchrun ranks' training function run by Ray Train's TorchTrainer.
+"""``train.launch.launcher: ray``: the torchrun ranks' training function run by Ray Train's TorchTrainer.
 
 (a) Two workers on a local Ray give the same per-step losses as torchrun's two processes, and
     only rank 0 logs (one W&B offline run, one metrics file).
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.launch import train
+from pretrain.launch import launch_training
 from pretrain.ray_launch import SECRET_ENV, read_attempts, worker_env
-from pretrain.synthetic import make_synthetic_run
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths, read_stage_record
 from pretrain_pipeline.config import dump_config
 from test_train_resume import make_cfg  # tests/ is on sys.path (rootdir conftest)
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 # Enough steps after the step-3 checkpoint that the kill lands mid-run, few enough to stay quick.
 STEPS = 24
@@ -36,7 +36,7 @@ STEPS = 24
 def test_worker_env_carries_rank_settings_but_no_secret(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "planted-secret-key")
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth0")
-    cfg = make_cfg(tmp_path / "r", launcher="ray")
+    cfg = make_cfg(tmp_path / "r", launch={"launcher": "ray"})
     env = worker_env(cfg, "cpu")
     assert env["DS_ACCELERATOR"] == "cpu" and env["NCCL_SOCKET_IFNAME"] == "eth0"
     assert env["WANDB_MODE"] == cfg.tracking.wandb_mode and "TORCH_EXTENSIONS_DIR" in env
@@ -49,9 +49,9 @@ def test_ray_launcher_config_is_checked(tmp_path):
     from pretrain.launch import build_command
 
     with pytest.raises(ValueError, match="launcher=ray"):
-        make_cfg(tmp_path / "r", launcher="ray", nnodes=2, node_rank=1)
+        make_cfg(tmp_path / "r", launch={"launcher": "ray", "nnodes": 2, "node_rank": 1})
     with pytest.raises(ValueError, match="launcher=ray"):
-        build_command(make_cfg(tmp_path / "r", launcher="ray"), RunPaths(tmp_path / "r"))
+        build_command(make_cfg(tmp_path / "r", launch={"launcher": "ray"}), RunPaths(tmp_path / "r"))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def straight(tmp_path_factory):
     make_synthetic_run(paths.root)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PRETRAIN_PIPELINE_STATE", str(paths.root.parent / "state"))
-        train(make_cfg(paths.root, max_steps=STEPS), paths, log=lambda _: None)
+        launch_training(make_cfg(paths.root, max_steps=STEPS), paths, log=lambda _: None)
     losses = losses_by_step(paths.metrics)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
@@ -72,11 +72,11 @@ def test_ray_train_two_workers_equal_torchrun(straight, tmp_path, monkeypatch):
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
     paths = RunPaths(tmp_path / "ray")
     make_synthetic_run(paths.root)
-    cfg = make_cfg(paths.root, max_steps=STEPS, launcher="ray")
+    cfg = make_cfg(paths.root, max_steps=STEPS, launch={"launcher": "ray"})
     cfg.runtime.num_cpus = 2  # a local Ray: one CPU per worker
     cfg.tracking.wandb_mode = "offline"
     lines: list[str] = []
-    result = train(cfg, paths, log=lines.append)
+    result = launch_training(cfg, paths, log=lines.append)
 
     assert result.steps == STEPS and read_stage_record(paths.train) is not None
     assert losses_by_step(paths.metrics) == straight  # same function, ranks and seeds: bitwise equal
@@ -113,7 +113,7 @@ def test_killed_worker_on_two_nodes_is_restarted_and_resumes_exactly(straight, t
     address, _dashboard, cluster_env = two_node_cluster
     paths = RunPaths(tmp_path / "runs" / "killed")
     make_synthetic_run(paths.root)
-    cfg = make_cfg(paths.root, max_steps=STEPS, launcher="ray", ray_max_failures=2)
+    cfg = make_cfg(paths.root, max_steps=STEPS, launch={"launcher": "ray", "ray_max_failures": 2})
     config_file = tmp_path / "killed.yaml"
     config_file.write_text(dump_config(cfg))
     env = {**cluster_env, "PRETRAIN_PIPELINE_STATE": str(tmp_path / "state"), "PRETRAIN_PIPELINE_QUIET": "1"}

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.synthetic import make_synthetic_run
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths
-from pretrain_pipeline.config import build_config, dump_config
+from pretrain_pipeline.config import build_config, dump_config, merge_tree
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +29,13 @@ def make_cfg(root: Path, **train):
             "data": {"sample_corpus": True},
             "tokenizer": {"vocab_size": 320},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
-            "train": {
-                "zero_stage": 1, "nproc_per_node": 2, "micro_batch_size": 8, "grad_accum_steps": 1,
-                "max_steps": 10, "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4, "log_every": 1,
-                "eval_every": 100, "eval_batches": 2, "checkpoint_every": 3, "keep_last_checkpoints": 2,
-                "device": "cpu", "precision": "fp32", "peak_tflops": 1.0, **train,
-            },
+            "train": merge_tree({
+                "micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 10, "log_every": 1, "device": "cpu",
+                "precision": "fp32", "zero": {"stage": 1}, "launch": {"nproc_per_node": 2},
+                "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2, "min_lr": 3e-4},
+                "validation": {"every": 100, "batches": 2}, "checkpoint": {"every": 3, "keep_last": 2},
+                "plan": {"peak_tflops": 1.0},
+            }, train),
             # W&B offline, as in production: the resumed run must continue the killed run's W&B run.
             "tracking": {"wandb_mode": "offline"},
             "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
@@ -49,11 +50,11 @@ def offline_env(tmp_path, monkeypatch):
 
 
 def test_sigkill_then_resume_auto_is_bitwise_equal(offline_env, tmp_path):
-    from pretrain.launch import build_command, build_env, train
+    from pretrain.launch import build_command, build_env, launch_training
 
     straight = RunPaths(tmp_path / "straight")
     make_synthetic_run(straight.root)
-    train(make_cfg(straight.root), straight, log=lambda _: None)
+    launch_training(make_cfg(straight.root), straight, log=lambda _: None)
     expected = losses_by_step(straight.metrics)
     assert sorted(expected) == list(range(1, 11))
     assert expected[10] < expected[1] - 0.5, expected  # ZeRO-1 on real shards learns
@@ -101,7 +102,7 @@ def test_sigkill_then_resume_auto_is_bitwise_equal(offline_env, tmp_path):
     assert killed_wandb_id
 
     lines: list[str] = []
-    result = train(cfg, killed, log=lines.append)  # resume: auto is the default
+    result = launch_training(cfg, killed, log=lines.append)  # resume: auto is the default
     assert any("resumed from" in x and tag in x for x in lines), lines
     got = losses_by_step(killed.metrics)
     assert result.steps == 10

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.synthetic import make_synthetic_run
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths
-from pretrain_pipeline.config import build_config
+from pretrain_pipeline.config import build_config, merge_tree
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ LOSSES: dict[int, dict[int, float]] = {}  # stage -> step -> loss, filled by the
 
 
 def run_case(tmp_path, monkeypatch, stage: int, **train_extra):
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
     paths = RunPaths(tmp_path / "runs" / f"zero{stage}")
@@ -31,18 +31,18 @@ def run_case(tmp_path, monkeypatch, stage: int, **train_extra):
             "data": {"sample_corpus": True},
             "tokenizer": {"vocab_size": 320},
             "model": {"preset": "tiny", "block_size": 32},
-            "train": {
-                "zero_stage": stage, "nproc_per_node": 2, "micro_batch_size": 8, "grad_accum_steps": 1,
-                "max_steps": STEPS, "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4, "log_every": 1,
-                "eval_every": 1000, "eval_batches": 1, "checkpoint_every": 1000, "device": "cpu",
-                **train_extra,
-            },
+            "train": merge_tree({
+                "micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": STEPS, "log_every": 1, "device": "cpu",
+                "zero": {"stage": stage}, "launch": {"nproc_per_node": 2}, "optimizer": {"lr": 3e-3},
+                "schedule": {"warmup_steps": 2, "min_lr": 3e-4}, "validation": {"every": 1000, "batches": 1},
+                "checkpoint": {"every": 1000},
+            }, train_extra),
             "tracking": {"wandb_mode": "disabled"},
             "runtime": {"run_name": paths.root.name, "runs_root": str(paths.root.parent)},
         }
     )
     lines: list[str] = []
-    result = train(cfg, paths, log=lines.append)
+    result = launch_training(cfg, paths, log=lines.append)
     losses = losses_by_step(paths.metrics)
     assert sorted(losses) == list(range(1, STEPS + 1)) and result.steps == STEPS
     return paths, result, lines, losses
@@ -69,8 +69,8 @@ def test_zero_stages_agree():
 @pytest.mark.parametrize(
     "stage,extra",
     [
-        (2, {"precision": "bf16", "offload_optimizer": True}),
-        (3, {"offload_optimizer": True, "offload_param": True}),
+        (2, {"precision": "bf16", "zero": {"offload_optimizer": True}}),
+        (3, {"zero": {"offload_optimizer": True, "offload_param": True}}),
     ],
     ids=["zero2-bf16-offload-optimizer", "zero3-offload-optimizer-and-params"],
 )

@@ -105,14 +105,12 @@ def data_config(corpus: Path, mode: str, repair: bool) -> dict:
         "inputs": [str(corpus)],
         "unicode_repair": repair,
         "normalize_whitespace": repair,
-        "language_filter": False,
-        "gopher_quality": filters,
-        "gopher_repetition": filters,
-        "c4_filter": filters,
-        "fineweb_filter": filters,
-        "min_words": GOPHER_MIN_WORDS,
-        "min_stop_words": GOPHER_MIN_STOP_WORDS,
-        "pii_redact": False,
+        "language": {"enabled": False},
+        "gopher_quality": {"enabled": filters, "min_words": GOPHER_MIN_WORDS, "min_stop_words": GOPHER_MIN_STOP_WORDS},
+        "gopher_repetition": {"enabled": filters},
+        "c4": {"enabled": filters},
+        "fineweb": {"enabled": filters},
+        "pii": {"entities": []},
         "exact_dedup": False,
         "minhash_dedup": not filters,
         "max_chars": 10_000_000,
@@ -171,7 +169,7 @@ def run_datatrove(corpus: Path, work: Path, cores: int, mode: str, repair: bool,
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.word_tokenizers import WordTokenizer
 
-    from data_prep.quality import SENTENCE_PATTERN
+    from data_prep.filters.c4 import SENTENCE_PATTERN
     from pretrain_pipeline.config import DataConfig
 
     class Whitespace(WordTokenizer):
@@ -192,11 +190,12 @@ def run_datatrove(corpus: Path, work: Path, cores: int, mode: str, repair: bool,
         name = "whitespace"
 
         def format(self, text: str) -> str:
-            from data_prep.filters import normalize_whitespace
+            from data_prep.cleaner import normalize_whitespace
 
             return normalize_whitespace(text)
 
     cfg = DataConfig(**data_config(corpus, mode, repair))
+    rep, quality, c4, fw = cfg.gopher_repetition, cfg.gopher_quality, cfg.c4, cfg.fineweb
     tok = Whitespace()
     n_files = len(list(corpus.glob("*.jsonl")))
     reader = JsonlReader(str(corpus), glob_pattern="*.jsonl")
@@ -213,26 +212,26 @@ def run_datatrove(corpus: Path, work: Path, cores: int, mode: str, repair: bool,
             reader,
             *repair_steps,
             GopherRepetitionFilter(
-                dup_line_frac=cfg.max_duplicate_line_fraction, dup_para_frac=cfg.max_duplicate_paragraph_fraction,
-                dup_line_char_frac=cfg.max_duplicate_line_char_fraction, dup_para_char_frac=cfg.max_duplicate_paragraph_char_fraction,
-                top_n_grams=tuple(sorted(cfg.gopher_top_ngram_fractions.items())), dup_n_grams=tuple(sorted(cfg.gopher_dup_ngram_fractions.items())),
+                dup_line_frac=rep.dup_line_frac, dup_para_frac=rep.dup_para_frac,
+                dup_line_char_frac=rep.dup_line_char_frac, dup_para_char_frac=rep.dup_para_char_frac,
+                top_n_grams=tuple(sorted(rep.top_n_grams.items())), dup_n_grams=tuple(sorted(rep.dup_n_grams.items())),
                 language=tok, exclusion_writer=removed("rep"),
             ),
             GopherQualityFilter(
-                min_doc_words=cfg.min_words, max_doc_words=cfg.max_words, min_avg_word_length=cfg.min_mean_word_length,
-                max_avg_word_length=cfg.max_mean_word_length, max_symbol_word_ratio=cfg.max_symbol_to_word_ratio,
-                max_bullet_lines_ratio=cfg.max_bullet_lines_ratio, max_ellipsis_lines_ratio=cfg.max_ellipsis_lines_ratio,
-                max_non_alpha_words_ratio=cfg.min_alpha_word_fraction, min_stop_words=cfg.min_stop_words,
+                min_doc_words=quality.min_words, max_doc_words=quality.max_words, min_avg_word_length=quality.min_mean_word_length,
+                max_avg_word_length=quality.max_mean_word_length, max_symbol_word_ratio=quality.max_symbol_to_word_ratio,
+                max_bullet_lines_ratio=quality.max_bullet_lines_ratio, max_ellipsis_lines_ratio=quality.max_ellipsis_lines_ratio,
+                max_non_alpha_words_ratio=quality.min_alpha_word_fraction, min_stop_words=quality.min_stop_words,
                 language=tok, exclusion_writer=removed("q"),
             ),
             C4QualityFilter(
-                min_words_per_line=cfg.c4_min_words_per_line, min_num_sentences=cfg.c4_min_sentences, max_word_length=cfg.c4_max_word_length,
+                min_words_per_line=c4.min_words_per_line, min_num_sentences=c4.min_sentences, max_word_length=c4.max_word_length,
                 language=tok, exclusion_writer=removed("c4"),
             ),
             FineWebQualityFilter(
-                line_punct_thr=cfg.fineweb_line_punct_ratio, short_line_thr=cfg.fineweb_short_line_ratio,
-                short_line_length=cfg.fineweb_short_line_chars, char_duplicates_ratio=cfg.fineweb_char_duplicates_ratio,
-                new_line_ratio=cfg.fineweb_new_line_ratio, language=tok, exclusion_writer=removed("fw"),
+                line_punct_thr=fw.line_punct_ratio, short_line_thr=fw.short_line_ratio,
+                short_line_length=fw.short_line_chars, char_duplicates_ratio=fw.char_duplicates_ratio,
+                new_line_ratio=fw.new_line_ratio, language=tok, exclusion_writer=removed("fw"),
             ),
             JsonlWriter(str(out / "kept")),
         ]

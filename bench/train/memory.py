@@ -138,7 +138,7 @@ def main() -> None:
         engine_mod.deepspeed_config = with_extra(extra)
         torch.manual_seed(cfg.train.seed)
         model = GPT(cfg.model, vocab)
-        tc = cfg.train.model_copy(update={"zero_stage": stage})
+        tc = cfg.train.model_copy(update={"zero": cfg.train.zero.model_copy(update={"stage": stage})})
         engine = engine_mod.build_engine(model, tc, world)
         for i in range(2):
             x, y = data.next_batch()

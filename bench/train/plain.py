@@ -5,10 +5,10 @@
 
 Same model class (``pretrain.model.GPT``), same init seed, same AdamW with the same parameter
 groups, same LR schedule, same gradient clipping and the same data loader (``ShardDataset``) as
-``pretrain.train``, read from the run's ``config.yaml``; none of DeepSpeed, ZeRO, checkpoints,
+``pretrain.trainer``, read from the run's ``config.yaml``; none of DeepSpeed, ZeRO, checkpoints,
 per-step collectives or metric logging. The driver starts it with the environment
 ``pretrain.launch.build_env`` gives the ranks, so thread counts match. Tokens/s are measured the way
-``pretrain.train`` measures them: per window of ``train.log_every`` steps, written to ``--out`` as
+``pretrain.trainer`` measures them: per window of ``train.log_every`` steps, written to ``--out`` as
 ``{"step": s, "train/tokens_per_s": r}`` lines.
 """
 
@@ -48,8 +48,8 @@ def main() -> None:
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model, resolve_vocab_size(cfg.model, manifest.vocab_size))
     torch.manual_seed(tc.seed + rank)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=lr_at(0, tc),
-                                  betas=(tc.beta1, tc.beta2), eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.optimizer.weight_decay), lr=lr_at(0, tc),
+                                  betas=(tc.optimizer.beta1, tc.optimizer.beta2), eps=1e-8)
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(model)
     data = ShardDataset(manifest, "train", cfg.model.block_size, tc.micro_batch_size, rank, world, tc.seed, verify=False)
@@ -68,8 +68,8 @@ def main() -> None:
             with model.no_sync() if not sync else torch.enable_grad():
                 _, loss = model(x, y)
                 (loss / tc.grad_accum_steps).backward()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if tc.optimizer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.optimizer.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window_tokens += tokens_per_step

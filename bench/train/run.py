@@ -4,13 +4,13 @@
     .venv/bin/python bench/train/run.py --steps 200 --repeat 2 --wandb disabled
 
 The same tiny GPT (4 layers, 128 wide, block 128, on synthetic shards from
-``pretrain.synthetic``) for the same steps, micro-batch and seed, in the same run:
+``tests/synthetic.py``) for the same steps, micro-batch and seed, in the same run:
 
-* ours:  ``pretrain.launch.train`` (the real launcher: torchrun, ``pretrain.train`` ranks, the
+* ours:  ``pretrain.launch.launch_training`` (the real launcher: torchrun, ``pretrain.trainer`` ranks, the
   DeepSpeed engine, per-step collectives, metrics.jsonl and W&B offline), ZeRO-1 and ZeRO-3, at 1
   and 2 ranks. At 1 rank an fp32 ZeRO-1/3 config runs as ZeRO-0 (``pretrain.engine.effective_zero_stage``:
   nothing to partition); the rows "ZeRO-1 kept" and "ZeRO-3 kept" time DeepSpeed's real stages on
-  one rank (``train.keep_zero_stage_on_one_rank``) for reference;
+  one rank (``train.zero.keep_stage_on_one_rank``) for reference;
 * plain: ``bench/train/plain.py``: GPT, AdamW, clipping and the same loader in a bare loop (DDP
   over gloo for 2 ranks), started with the environment ``pretrain.launch.build_env`` gives the
   ranks, so the thread count (``OMP_NUM_THREADS``) is the same.
@@ -55,11 +55,14 @@ def make_cfg(root: Path, zero: int, nproc: int, args: argparse.Namespace, keep_s
             "tokenizer": {"vocab_size": args.vocab},
             "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "dropout": 0.0},
             "train": {
-                "zero_stage": zero, "keep_zero_stage_on_one_rank": keep_stage,
-                "nproc_per_node": nproc, "micro_batch_size": args.micro_batch,
-                "grad_accum_steps": 1, "max_steps": args.steps, "warmup_steps": 5, "lr": 1e-3, "min_lr": 1e-4,
-                "log_every": args.log_every, "eval_every": 10**6, "eval_batches": 1, "checkpoint_every": 10**6,
-                "keep_last_checkpoints": 1, "device": "cpu", "precision": precision,
+                "micro_batch_size": args.micro_batch, "grad_accum_steps": 1, "max_steps": args.steps,
+                "log_every": args.log_every, "device": "cpu", "precision": precision,
+                "zero": {"stage": zero, "keep_stage_on_one_rank": keep_stage},
+                "launch": {"nproc_per_node": nproc},
+                "optimizer": {"lr": 1e-3},
+                "schedule": {"warmup_steps": 5, "min_lr": 1e-4},
+                "validation": {"every": 10**6, "batches": 1},
+                "checkpoint": {"every": 10**6, "keep_last": 1},
             },
             "tracking": {"wandb_mode": args.wandb},
             "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
@@ -94,12 +97,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def run_ours(work: Path, data: Path, zero: int, nproc: int, args, keep_stage: bool = False) -> tuple[float, float]:
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     paths = new_run(work, data, f"ours-z{zero}{'k' if keep_stage else ''}-n{nproc}")
     cfg = make_cfg(paths.root, zero, nproc, args, keep_stage)
     log = open(work / f"{paths.root.name}.log", "w")
-    train(cfg, paths, force=True, log=lambda line: log.write(line + "\n"))
+    launch_training(cfg, paths, force=True, log=lambda line: log.write(line + "\n"))
     log.close()
     return steady_tokens_per_s(read_jsonl(paths.metrics), args.warmup, args.log_every)
 
@@ -138,6 +141,7 @@ def run_memory(work: Path, data: Path, args, precision: str) -> list[dict]:
 
 def print_memory(records: list[dict], cfg, vocab_size: int) -> None:
     from pretrain.plan import make_plan
+    from pretrain_pipeline.config import build_config
 
     cols = ("weights", "grads", "master", "adam", "other", "total")
     print(f"\nper-rank parameter + gradient + optimizer memory at 2 ranks, {cfg.train.precision}, MiB "
@@ -145,8 +149,7 @@ def print_memory(records: list[dict], cfg, vocab_size: int) -> None:
     print(f"{'case':<24}{'rank':>5}" + "".join(f"{c:>9}" for c in cols) + f"{'plan':>9}{'vs ZeRO-0':>11}")
     base = max(r["total"] for r in records[0]["per_rank"])
     for rec in records:
-        plan = make_plan(cfg.model_copy(update={"train": cfg.train.model_copy(update={"zero_stage": rec["stage"]})}),
-                         vocab_size, 2)
+        plan = make_plan(build_config(cfg.model_dump(), [f"train.zero.stage={rec['stage']}"]), vocab_size, 2)
         plan_mib = (plan.weights_gb + plan.grads_gb + plan.optimizer_gb) * 1024
         for rank, held in enumerate(rec["per_rank"]):
             row = "".join(f"{held.get(c, 0) / MiB:>9.2f}" for c in cols)
@@ -173,7 +176,7 @@ def main() -> None:
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--stages", default="1,3,1keep,3keep",
                     help="ZeRO stages of our trainer to time; 'Nkeep' keeps stage N on one rank "
-                    "(train.keep_zero_stage_on_one_rank), timed at 1 rank only, for reference")
+                    "(train.zero.keep_stage_on_one_rank), timed at 1 rank only, for reference")
     ap.add_argument("--wandb", choices=["offline", "disabled"], default="offline")
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP_NUM_THREADS per rank for both sides (default: what pretrain.launch.build_env picks)")
@@ -185,7 +188,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("PRETRAIN_PIPELINE_STATE", str(ROOT / ".state"))
 
-    from pretrain.synthetic import make_synthetic_run
+    from tests.synthetic import make_synthetic_run
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_prep.filters import clean_batch
+from data_prep.cleaner import clean_batch
 from data_prep.readers import read_file
 from pretrain_pipeline.config import DataConfig
 

@@ -29,10 +29,10 @@ from pretrain.checkpoint import (
     verify_tag,
     write_completion_record,
 )
-from pretrain.synthetic import make_synthetic_run
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths
 from pretrain_pipeline.config import build_config
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.integration
 
@@ -46,9 +46,10 @@ def make_cfg(root: Path):
             "tokenizer": {"vocab_size": 320},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
             "train": {
-                "zero_stage": 1, "nproc_per_node": 2, "micro_batch_size": 8, "max_steps": 6,
-                "warmup_steps": 1, "lr": 3e-3, "min_lr": 3e-4, "log_every": 1, "eval_every": 100,
-                "eval_batches": 1, "checkpoint_every": 2, "keep_last_checkpoints": 3, "device": "cpu",
+                "micro_batch_size": 8, "max_steps": 6, "log_every": 1, "device": "cpu",
+                "zero": {"stage": 1}, "launch": {"nproc_per_node": 2}, "optimizer": {"lr": 3e-3},
+                "schedule": {"warmup_steps": 1, "min_lr": 3e-4}, "validation": {"every": 100, "batches": 1},
+                "checkpoint": {"every": 2, "keep_last": 3},
             },
             "eval": {"max_tokens": 256, "prompts": ["The cat"], "max_new_tokens": 4, "wandb": False},
             "tracking": {"wandb_mode": "disabled"},
@@ -59,13 +60,13 @@ def make_cfg(root: Path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     os.environ.setdefault("PRETRAIN_PIPELINE_STATE", str(tmp_path_factory.mktemp("state")))
     paths = RunPaths(tmp_path_factory.mktemp("runs") / "ckpt")
     make_synthetic_run(paths.root)
     cfg = make_cfg(paths.root)
-    train(cfg, paths, log=lambda _: None)
+    launch_training(cfg, paths, log=lambda _: None)
     pristine = paths.root.parent / "pristine-checkpoints"
     shutil.copytree(paths.checkpoints, pristine)
     return cfg, paths, pristine, losses_by_step(paths.metrics)
@@ -241,13 +242,13 @@ def test_evaluate_and_export_prescan_refuses_pickled_code_before_zero_to_fp32(ru
 def test_resume_skips_a_truncated_tag_and_reproduces_the_losses(run):
     """Truncate the newest tag's optimizer shard; the rerun says so, resumes from the tag before it
     and reproduces the original losses bitwise (CPU fp32)."""
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     cfg, paths, expected = run
     bad = _file(paths, TAGS[-1], "*rank_1_*optim_states.pt")
     truncate(bad)
     lines: list[str] = []
-    result = train(cfg, paths, force=True, log=lines.append)
+    result = launch_training(cfg, paths, force=True, log=lines.append)
     assert any(str(bad) in x and "falling back" in x for x in lines), lines
     assert any("resumed from" in x and "step_000004" in x for x in lines), lines
     assert result.steps == 6 and result.last_tag == "step_000006"
@@ -261,7 +262,7 @@ def test_resume_skips_a_truncated_tag_and_reproduces_the_losses(run):
 def test_resume_refuses_a_deepspeed_file_that_pickles_code(run, tmp_path):
     """An optimizer shard replaced by one that would run code, record rewritten to match: the ranks
     refuse it by name before any of it runs."""
-    from pretrain.launch import TrainingFailed, train
+    from pretrain.launch import TrainingFailed, launch_training
 
     cfg, paths, _ = run
     tag_dir = paths.checkpoints / TAGS[-1]
@@ -271,6 +272,6 @@ def test_resume_refuses_a_deepspeed_file_that_pickles_code(run, tmp_path):
     torch.save({"optimizer_state_dict": RunsCode(marker)}, target)
     write_completion_record(tag_dir)
     with pytest.raises(TrainingFailed) as err:
-        train(cfg, paths, force=True, log=lambda _: None)
+        launch_training(cfg, paths, force=True, log=lambda _: None)
     assert f"refusing to load {target}" in str(err.value)
     assert not marker.exists()

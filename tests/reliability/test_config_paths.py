@@ -3,7 +3,7 @@
 Audit of every config field that becomes a path: ``runtime.run_name`` (the run directory's name,
 validated below), ``train.data_mixture`` names (read as ``<runs_root>/<name>/shards``) and
 ``tokenizer.from_run`` (read as ``<runs_root>/<name>/tokenizer``) are plain names;
-``runtime.runs_root`` *is* the chosen root; ``data.inputs`` and ``train.hostfile`` are
+``runtime.runs_root`` *is* the chosen root; ``data.inputs`` and ``train.launch.hostfile`` are
 only read. Every path a stage writes is a fixed name under ``RunPaths(root)``.
 """
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.synthetic import make_synthetic_run
 from pretrain_pipeline.artifacts import SUCCESS_FILE, RunPaths, read_json
 from pretrain_pipeline.config import PipelineConfig, build_config
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.integration
 
@@ -92,9 +92,9 @@ def _train_cfg(runs_root: Path, max_steps: int, checkpoint_every: int) -> Pipeli
         "data": {"sample_corpus": True},
         "tokenizer": {"vocab_size": 320},
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
-        "train": {"zero_stage": 1, "nproc_per_node": 1, "micro_batch_size": 4, "max_steps": max_steps,
-                  "warmup_steps": 0, "log_every": 1, "eval_every": 100, "eval_batches": 1,
-                  "checkpoint_every": checkpoint_every, "keep_last_checkpoints": 1, "device": "cpu"},
+        "train": {"micro_batch_size": 4, "max_steps": max_steps, "log_every": 1, "device": "cpu",
+                  "zero": {"stage": 1}, "launch": {"nproc_per_node": 1}, "schedule": {"warmup_steps": 0},
+                  "validation": {"every": 100, "batches": 1}, "checkpoint": {"every": checkpoint_every, "keep_last": 1}},
         "tracking": {"wandb_mode": "disabled"},
         "runtime": {"run_name": "run", "runs_root": str(runs_root)},
     })
@@ -105,7 +105,7 @@ def _train_cfg(runs_root: Path, max_steps: int, checkpoint_every: int) -> Pipeli
 
 def test_checkpoint_on_a_full_disk_fails_by_name_and_resume_uses_the_last_good_one(small_disk, tmp_path, monkeypatch):
     from pretrain.checkpoint import COMPLETE_FILE, latest_tag, load_consolidated_state_dict, verify_tag
-    from pretrain.launch import TrainingFailed, train
+    from pretrain.launch import TrainingFailed, launch_training
 
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
     mount_point, grow = small_disk
@@ -118,12 +118,12 @@ def test_checkpoint_on_a_full_disk_fails_by_name_and_resume_uses_the_last_good_o
 
     # A good checkpoint first (step 2), then shrink the disk so it holds that one and half another.
     grow("16m")
-    assert train(cfg(2), paths, log=lambda _: None).last_tag == "step_000002"
+    assert launch_training(cfg(2), paths, log=lambda _: None).last_tag == "step_000002"
     used = sum(f.stat().st_size for f in mount_point.rglob("*") if f.is_file())
     grow(f"{used * 3 // 2 // 1024 + 64}k")
 
     with pytest.raises(TrainingFailed) as err:
-        train(cfg(4), paths, log=lambda _: None)
+        launch_training(cfg(4), paths, log=lambda _: None)
     message = str(err.value)
     # The rank names the file it could not write and how much room was left.
     assert f"could not write checkpoint file {mount_point / 'step_000004'}/" in message, message
@@ -136,7 +136,7 @@ def test_checkpoint_on_a_full_disk_fails_by_name_and_resume_uses_the_last_good_o
 
     grow("16m")
     lines: list[str] = []
-    result = train(cfg(4), paths, log=lines.append)
+    result = launch_training(cfg(4), paths, log=lines.append)
     assert any("resumed from" in x and "step_000002" in x for x in lines), lines
     assert result.steps == 4 and result.last_tag == "step_000004"
     verify_tag(paths.checkpoints, "step_000004")
@@ -352,7 +352,7 @@ def test_shards_past_the_file_size_limit_name_the_shard_and_a_rerun_matches(data
 def trained_run(tmp_path_factory):
     """One tiny trained run and the files of its uninterrupted export (then removed)."""
     from pretrain.export import export
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     root = tmp_path_factory.mktemp("full_disk_export")
     cfg = _train_cfg(root, max_steps=1, checkpoint_every=1)
@@ -360,7 +360,7 @@ def trained_run(tmp_path_factory):
     make_synthetic_run(paths.root, n_train_docs=200, n_val_docs=40)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PRETRAIN_PIPELINE_STATE", str(root / "state"))
-        train(cfg, paths, log=lambda _: None)
+        launch_training(cfg, paths, log=lambda _: None)
         export(cfg, paths)
     reference = _outputs(paths.export)
     assert "hf/model.safetensors" in reference

@@ -21,10 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pretrain.synthetic import make_synthetic_run
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths
 from pretrain_pipeline.config import build_config, dump_config
+from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.integration
 
@@ -175,9 +175,10 @@ def make_train_cfg(root: Path):
             "tokenizer": {"vocab_size": 320},
             "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
             "train": {
-                "zero_stage": 1, "nproc_per_node": 2, "micro_batch_size": 8, "max_steps": STEPS,
-                "warmup_steps": 2, "lr": 3e-3, "min_lr": 3e-4, "log_every": 1, "eval_every": 100,
-                "eval_batches": 1, "checkpoint_every": 2, "keep_last_checkpoints": 2, "device": "cpu",
+                "micro_batch_size": 8, "max_steps": STEPS, "log_every": 1, "device": "cpu",
+                "zero": {"stage": 1}, "launch": {"nproc_per_node": 2}, "optimizer": {"lr": 3e-3},
+                "schedule": {"warmup_steps": 2, "min_lr": 3e-4}, "validation": {"every": 100, "batches": 1},
+                "checkpoint": {"every": 2, "keep_last": 2},
             },
             "eval": {"max_tokens": 512, "prompts": ["The cat", "A dog"], "max_new_tokens": 8, "wandb": False},
             "tracking": {"wandb_mode": "disabled"},
@@ -188,20 +189,20 @@ def make_train_cfg(root: Path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from pretrain.launch import train
+    from pretrain.launch import launch_training
 
     os.environ.setdefault("PRETRAIN_PIPELINE_STATE", str(tmp_path_factory.mktemp("state")))
     paths = RunPaths(tmp_path_factory.mktemp("runs") / "reference")
     make_synthetic_run(paths.root)
     cfg = make_train_cfg(paths.root)
-    train(cfg, paths, log=lambda _: None)
+    launch_training(cfg, paths, log=lambda _: None)
     return cfg, paths, losses_by_step(paths.metrics)
 
 
 def _rank_process(run_dir: Path, local_rank: int) -> psutil.Process:
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if "pretrain.train" in cmd and str(run_dir.resolve()) in cmd:
+        if "pretrain.trainer" in cmd and str(run_dir.resolve()) in cmd:
             try:
                 if proc.environ().get("LOCAL_RANK") == str(local_rank):
                     return proc
@@ -212,7 +213,7 @@ def _rank_process(run_dir: Path, local_rank: int) -> psutil.Process:
 
 def test_one_rank_killed_fails_clearly_and_rerun_resumes_exactly(reference, tmp_path):
     from pretrain.checkpoint import list_tags, verify_tag
-    from pretrain.launch import TrainingFailed, train
+    from pretrain.launch import TrainingFailed, launch_training
 
     _, _, expected = reference
     paths = RunPaths(tmp_path / "killed")
@@ -231,7 +232,7 @@ def test_one_rank_killed_fails_clearly_and_rerun_resumes_exactly(reference, tmp_
                 killed.append(proc.pid)
 
         with pytest.raises(TrainingFailed) as err:
-            train(cfg, paths, log=watch)
+            launch_training(cfg, paths, log=watch)
         assert killed, f"step {kill_at} was never logged"
         message = str(err.value)
         # The launcher names the failure: torchrun's report of the signalled rank, our exit code and log.
@@ -240,7 +241,7 @@ def test_one_rank_killed_fails_clearly_and_rerun_resumes_exactly(reference, tmp_
         for tag in list_tags(paths.checkpoints):
             verify_tag(paths.checkpoints, tag)  # whatever counts as complete really is
     lines: list[str] = []
-    result = train(cfg, paths, log=lines.append)
+    result = launch_training(cfg, paths, log=lines.append)
     assert result.steps == STEPS and any("resumed from" in x for x in lines), lines
     got = losses_by_step(paths.metrics)
     assert sorted(got) == list(range(1, STEPS + 1))

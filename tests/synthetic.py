@@ -1,6 +1,6 @@
 """A tiny run directory in the exact layout data_prep produces (tokenizer + shards + manifest).
 
-Used by the tests and handy for trying the training stack without running data prep. The text is
+Used by the tests and bench/train to try the training stack without running data prep. The text is
 drawn from a small seeded grammar, so it is learnable and the loss visibly falls within steps.
 """
 

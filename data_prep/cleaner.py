@@ -1,6 +1,6 @@
-"""Per-document cleaning steps, datatrove style.
+"""Per-document cleaning: repair steps, then the filters, then PII redaction.
 
-A *repair* step returns new text; a *filter* (``data_prep.quality``, ``data_prep.langid``) returns
+A *repair* step returns new text; a *filter* (``data_prep.filters``, ``data_prep.langid``) returns
 None to keep a document or a drop reason ``"<filter>:<why>"``. ``Cleaner`` runs, in order:
 
     cap length -> ftfy repair -> whitespace -> language -> Gopher repetition -> Gopher quality
@@ -21,12 +21,12 @@ import pandas as pd
 
 from data_prep.langid import LanguageFilter
 from data_prep.pii import PIIRedactor
-from data_prep.quality import C4Quality, DocStats, Filter, FineWebQuality, GopherQuality, GopherRepetition, LineFilter
+from data_prep.filters import C4Quality, DocStats, Filter, FineWebQuality, GopherQuality, GopherRepetition, LineFilter
 from data_prep.readers import EXCERPT_CHARS, text_problem
 from pretrain_pipeline.config import DataConfig
 
-__all__ = ["Cleaner", "DocStats", "Filter", "GopherQuality", "GopherRepetition", "UnicodeRepair", "build_filters",
-           "clean_batch", "normalize_whitespace", "text_hash", "truncate"]
+__all__ = ["PII_KINDS", "Cleaner", "UnicodeRepair", "build_filters", "clean_batch", "normalize_whitespace", "text_hash",
+           "truncate"]
 
 # --------------------------------------------------------------------------------------------
 # Repair
@@ -102,59 +102,15 @@ def truncate(text: str, max_chars: int) -> str:
 
 
 def build_filters(cfg: DataConfig) -> list[Filter]:
-    filters: list[Filter] = []
-    if cfg.language_filter:
-        filters.append(LanguageFilter(cfg.languages, cfg.language_threshold))
-    if cfg.gopher_repetition:
-        filters.append(
-            GopherRepetition(
-                dup_line_frac=cfg.max_duplicate_line_fraction,
-                dup_para_frac=cfg.max_duplicate_paragraph_fraction,
-                dup_line_char_frac=cfg.max_duplicate_line_char_fraction,
-                dup_para_char_frac=cfg.max_duplicate_paragraph_char_fraction,
-                top_n_grams=tuple(sorted(cfg.gopher_top_ngram_fractions.items())),
-                dup_n_grams=tuple(sorted(cfg.gopher_dup_ngram_fractions.items())),
-            )
-        )
-    if cfg.gopher_quality:
-        filters.append(
-            GopherQuality(
-                min_words=cfg.min_words,
-                max_words=cfg.max_words,
-                min_mean_word_length=cfg.min_mean_word_length,
-                max_mean_word_length=cfg.max_mean_word_length,
-                max_symbol_to_word_ratio=cfg.max_symbol_to_word_ratio,
-                min_alpha_word_fraction=cfg.min_alpha_word_fraction,
-                max_bullet_lines_ratio=cfg.max_bullet_lines_ratio,
-                max_ellipsis_lines_ratio=cfg.max_ellipsis_lines_ratio,
-                min_stop_words=cfg.min_stop_words,
-            )
-        )
-    if cfg.c4_filter:
-        filters.append(
-            C4Quality(
-                min_words_per_line=cfg.c4_min_words_per_line,
-                min_sentences=cfg.c4_min_sentences,
-                max_word_length=cfg.c4_max_word_length,
-                drop_no_terminal_punct=cfg.c4_drop_no_terminal_punct,
-                drop_curly_bracket=cfg.c4_drop_curly_bracket,
-                drop_lorem_ipsum=cfg.c4_drop_lorem_ipsum,
-                drop_javascript_lines=cfg.c4_drop_javascript_lines,
-                drop_policy_lines=cfg.c4_drop_policy_lines,
-                remove_citations=cfg.c4_remove_citations,
-            )
-        )
-    if cfg.fineweb_filter:
-        filters.append(
-            FineWebQuality(
-                line_punct_ratio=cfg.fineweb_line_punct_ratio,
-                short_line_ratio=cfg.fineweb_short_line_ratio,
-                short_line_chars=cfg.fineweb_short_line_chars,
-                char_duplicates_ratio=cfg.fineweb_char_duplicates_ratio,
-                new_line_ratio=cfg.fineweb_new_line_ratio,
-            )
-        )
-    return filters
+    """The enabled filters in the order they run; each takes its config section's settings as they are."""
+    families = [
+        (cfg.language, LanguageFilter),
+        (cfg.gopher_repetition, GopherRepetition),
+        (cfg.gopher_quality, GopherQuality),
+        (cfg.c4, C4Quality),
+        (cfg.fineweb, FineWebQuality),
+    ]
+    return [make(**section.params()) for section, make in families if section.enabled]
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +139,7 @@ class Cleaner:
         self.cfg = cfg
         self.repair = UnicodeRepair() if cfg.unicode_repair else None
         self.filters = build_filters(cfg)
-        self.pii = PIIRedactor() if cfg.pii_redact else None
+        self.pii = PIIRedactor(**cfg.pii.model_dump()) if cfg.pii.entities else None
 
     def clean_one(self, text: str) -> Cleaned:
         cfg = self.cfg
@@ -197,19 +153,19 @@ class Cleaner:
         if cfg.normalize_whitespace:
             text = normalize_whitespace(text)
         text = truncate(text, cfg.max_chars)
-        stats = DocStats.of(text)
+        stats = DocStats(text)
         reason = None
         for f in self.filters:
             if isinstance(f, LineFilter):
                 rewritten = f.rewrite(text)
                 if rewritten != text:
-                    text, stats = rewritten, _carry(DocStats.of(rewritten), stats)
+                    text, stats = rewritten, _carry(DocStats(rewritten), stats)
             if reason := f(text, stats):
                 break
         pii: Counter = Counter()
         if self.pii is not None and reason is None:
             text, pii = self.pii.redact(text)
-            stats = _carry(DocStats.of(text), stats)
+            stats = _carry(DocStats(text), stats)
         return Cleaned(text, reason, stats.n_words, stats.language, stats.language_score, pii)
 
 
