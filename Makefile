@@ -70,7 +70,7 @@ soak: $(STAMP)
 	@set -e; for seed in $(SOAK_SEEDS); do \
 	  echo "== soak: fault seed $$seed, $(SOAK_ROUNDS) rounds"; \
 	  PRETRAIN_PIPELINE_FAULT_SEED=$$seed PRETRAIN_SOAK_ROUNDS=$(SOAK_ROUNDS) \
-	    $(BIN)/python -m pytest -x -q tests/reliability tests/test_train_resume.py $(PYTEST_ARGS); \
+	    $(BIN)/python -m pytest -x -q tests/reliability tests/test_train_resume.py tests/test_train_heal.py $(PYTEST_ARGS); \
 	done
 
 server: $(STAMP)
@@ -88,7 +88,9 @@ bench-clean: bench-setup
 	$(BIN)/python bench/clean/run.py --mode filters --docs 8000 --cores 2
 	$(BIN)/python bench/clean/run.py --mode minhash --docs 8000 --cores 2
 	$(BIN)/python bench/clean/run.py --mode scale --docs 4000 --cores 2
+	$(BIN)/python bench/clean/run.py --mode onefile --docs 70000 --cores 2
 	$(BIN)/python bench/clean/run.py --mode split --docs 8000 --cores 2
+	$(BIN)/python bench/clean/boilerplate.py
 
 # Two sizes: Ray Data's fixed start-up cost (~1.5 s) weighs on 32 MiB and is amortised at 128 MiB.
 bench-tokenize: $(STAMP)

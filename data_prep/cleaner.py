@@ -4,7 +4,7 @@ A *repair* step returns new text; a *filter* (``data_prep.filters``, ``data_prep
 None to keep a document or a drop reason ``"<filter>:<why>"``. ``Cleaner`` runs, in order:
 
     cap length -> ftfy repair -> whitespace -> language -> Gopher repetition -> Gopher quality
-    -> C4 (rewrites lines, then may drop) -> FineWeb -> PII redaction
+    -> C4 (rewrites lines, then may drop) -> FineWeb -> boilerplate -> decontamination -> PII redaction
 
 ``clean_batch`` applies it to a batch; the first filter that objects decides ``drop_reason``.
 """
@@ -21,7 +21,8 @@ import pandas as pd
 
 from data_prep.langid import LanguageFilter
 from data_prep.pii import PIIRedactor
-from data_prep.filters import C4Quality, DocStats, Filter, FineWebQuality, GopherQuality, GopherRepetition, LineFilter
+from data_prep.filters import (BenchmarkNgrams, Boilerplate, C4Quality, Decontaminate, DocStats, Filter, FineWebQuality,
+                               GopherQuality, GopherRepetition, LineFilter)
 from data_prep.readers import EXCERPT_CHARS, text_problem
 from pretrain_pipeline.config import DataConfig
 
@@ -101,16 +102,27 @@ def truncate(text: str, max_chars: int) -> str:
 # Filters
 
 
-def build_filters(cfg: DataConfig) -> list[Filter]:
-    """The enabled filters in the order they run; each takes its config section's settings as they are."""
+def build_filters(cfg: DataConfig, benchmarks: BenchmarkNgrams | None = None) -> list[Filter]:
+    """The enabled filters in the order they run; each takes its config section's settings as they are.
+
+    Boilerplate runs after the cheaper rules, on what they keep; decontamination runs last, on the
+    text the others kept (C4 may have dropped lines), with the n-grams built once in the driver by
+    ``data_prep.benchmarks.benchmark_ngrams``."""
     families = [
         (cfg.language, LanguageFilter),
         (cfg.gopher_repetition, GopherRepetition),
         (cfg.gopher_quality, GopherQuality),
         (cfg.c4, C4Quality),
         (cfg.fineweb, FineWebQuality),
+        (cfg.boilerplate, Boilerplate),
     ]
-    return [make(**section.params()) for section, make in families if section.enabled]
+    filters = [make(**section.params()) for section, make in families if section.enabled]
+    if cfg.decontaminate.tasks:
+        if benchmarks is None:
+            raise ValueError("data.decontaminate.tasks is set but no benchmark n-grams were given "
+                             "(build them once with data_prep.benchmarks.benchmark_ngrams)")
+        filters.append(Decontaminate(benchmarks))
+    return filters
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,15 +142,16 @@ class Cleaned:
     language: str
     language_score: float
     pii: Counter
+    drop_score: float | None = None  # the measured value behind drop_reason, when the filter gives one
 
 
 class Cleaner:
     """Repair + filters + PII for one config; cheap to build (the language model is cached per process)."""
 
-    def __init__(self, cfg: DataConfig) -> None:
+    def __init__(self, cfg: DataConfig, benchmarks: BenchmarkNgrams | None = None) -> None:
         self.cfg = cfg
         self.repair = UnicodeRepair() if cfg.unicode_repair else None
-        self.filters = build_filters(cfg)
+        self.filters = build_filters(cfg, benchmarks)
         self.pii = PIIRedactor(**cfg.pii.model_dump()) if cfg.pii.entities else None
 
     def clean_one(self, text: str) -> Cleaned:
@@ -146,7 +159,7 @@ class Cleaner:
         # The length rule runs first, so no later step (ftfy, regexes) ever sees a huge document.
         # Some slack lets whitespace normalisation shrink the text before the final cut.
         if len(text) > cfg.max_chars and cfg.long_doc_rule == "drop":
-            return Cleaned(text[: cfg.max_chars], "long_document", len(text[: cfg.max_chars].split()), "", 0.0, Counter())
+            return Cleaned(text[: cfg.max_chars], "long_document", len(text[: cfg.max_chars].split()), "", 0.0, Counter(), len(text))
         text = truncate(text, cfg.max_chars + 4096)
         if self.repair is not None:
             text = self.repair(text)
@@ -156,17 +169,21 @@ class Cleaner:
         stats = DocStats(text)
         reason = None
         for f in self.filters:
+            given = text
             if isinstance(f, LineFilter):
                 rewritten = f.rewrite(text)
                 if rewritten != text:
                     text, stats = rewritten, _carry(DocStats(rewritten), stats)
             if reason := f(text, stats):
+                # Kept as the filter got it, before its own rewrite: what dropped.parquet's excerpt shows.
+                text = given
                 break
         pii: Counter = Counter()
         if self.pii is not None and reason is None:
             text, pii = self.pii.redact(text)
             stats = _carry(DocStats(text), stats)
-        return Cleaned(text, reason, stats.n_words, stats.language, stats.language_score, pii)
+        score = getattr(reason, "score", None)
+        return Cleaned(text, reason and str(reason), stats.n_words, stats.language, stats.language_score, pii, score)
 
 
 def _carry(new: DocStats, old: DocStats) -> DocStats:
@@ -177,10 +194,10 @@ def _carry(new: DocStats, old: DocStats) -> DocStats:
 PII_KINDS = ("email", "ip", "phone")
 
 
-def clean_batch(batch: dict[str, list] | pd.DataFrame, cfg: DataConfig) -> dict[str, list] | pd.DataFrame:
+def clean_batch(batch: dict[str, list] | pd.DataFrame, cfg: DataConfig, benchmarks: BenchmarkNgrams | None = None) -> dict[str, list] | pd.DataFrame:
     """Repair and filter a batch of reader rows.
 
-    Adds ``drop_reason``, ``text_hash``, ``n_chars``, ``n_words``, ``language``, ``language_score``
+    Adds ``drop_reason``, ``drop_score``, ``text_hash``, ``n_chars``, ``n_words``, ``language``, ``language_score``
     and ``pii_<kind>`` counts. Quarantined rows (``quarantine`` set by the reader) pass through
     untouched with no drop reason: they are counted as quarantined, not as dropped.
     """
@@ -193,18 +210,18 @@ def clean_batch(batch: dict[str, list] | pd.DataFrame, cfg: DataConfig) -> dict[
     for i, (text, q) in enumerate(zip(texts, quarantine)):
         if not _is_set(q) and (reason := text_problem(text)):
             quarantine[i], excerpts[i], texts[i] = reason, repr(text)[:EXCERPT_CHARS], ""
-    cleaner = Cleaner(cfg)
-    cols: dict[str, list] = {k: [] for k in ("text", "drop_reason", "text_hash", "n_chars", "n_words", "language", "language_score")}
+    cleaner = Cleaner(cfg, benchmarks)
+    cols: dict[str, list] = {k: [] for k in ("text", "drop_reason", "drop_score", "text_hash", "n_chars", "n_words", "language", "language_score")}
     pii_cols: dict[str, list] = {f"pii_{k}": [] for k in PII_KINDS}
     for text, q in zip(texts, quarantine):
         if _is_set(q):
-            row = (text, None, "", 0, 0, "", 0.0)
+            row = (text, None, None, "", 0, 0, "", 0.0)
             pii: Counter = Counter()
         else:
             c = cleaner.clean_one(text)
             # The exact-dedup key is only needed for documents that survive and when exact dedup is on.
             th = text_hash(c.text) if cfg.exact_dedup and c.drop_reason is None else ""
-            row = (c.text, c.drop_reason, th, len(c.text), c.n_words, c.language, c.language_score)
+            row = (c.text, c.drop_reason, c.drop_score, th, len(c.text), c.n_words, c.language, c.language_score)
             pii = c.pii
         for key, value in zip(cols, row):
             cols[key].append(value)
@@ -214,7 +231,7 @@ def clean_batch(batch: dict[str, list] | pd.DataFrame, cfg: DataConfig) -> dict[
     if is_frame:
         out = batch.copy()
         for key, values in columns.items():
-            dtype = "int64" if key in ("n_chars", "n_words") or key.startswith("pii_") else ("float64" if key == "language_score" else object)
+            dtype = "int64" if key in ("n_chars", "n_words") or key.startswith("pii_") else ("float64" if key in ("language_score", "drop_score") else object)
             out[key] = pd.Series(values, index=batch.index, dtype=dtype)
         return out
     return {**batch, **columns}

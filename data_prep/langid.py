@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from data_prep.filters import DocStats, Filter
+from data_prep.filters import DocStats, Drop, Filter
 
 
 @lru_cache(maxsize=1)
@@ -41,7 +41,7 @@ class LanguageFilter(Filter):
         lang, score = identify(text)
         stats.language, stats.language_score = lang, score
         if self.languages and lang not in self.languages:
-            return lang
+            return Drop(lang, score)
         if score < self.threshold:
-            return "low_score"
+            return Drop("low_score", score)
         return None

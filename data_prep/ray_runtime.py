@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sized
 
 from tqdm import tqdm
 
@@ -174,7 +174,7 @@ class UnitRunner(abc.ABC):
     def map(
         self,
         fn: Callable[..., Any],
-        units: Sequence[Any],
+        units: Iterable[Any],
         *,
         describe: Callable[[Any], str],
         desc: str,
@@ -183,7 +183,8 @@ class UnitRunner(abc.ABC):
         ordered: bool = True,
     ) -> Iterator[Any]:
         """``fn(unit, *shared)`` for every unit, with at most ``window`` units started and not yet
-        consumed (all of them when None), so a slow consumer bounds the results held in memory.
+        consumed (all of them when None), so a slow consumer bounds the results held in memory
+        and units made on the fly (an iterator) are made only as they can start.
 
         ``ordered`` yields in unit order; otherwise in completion order, which fails at the first
         broken unit whatever its place. ``shared`` arguments are sent once, not once per unit. A
@@ -193,9 +194,10 @@ class UnitRunner(abc.ABC):
         start = self._starter(fn, shared)
         rest = iter(units)
         pending: dict[Any, Any] = {}  # handle -> unit, in start order
-        with tqdm(total=len(units), desc=desc, unit="task", disable=is_quiet()) as bar:
+        total = len(units) if isinstance(units, Sized) else None
+        with tqdm(total=total, desc=desc, unit="task", disable=is_quiet()) as bar:
             try:
-                for unit in itertools.islice(rest, window or len(units)):
+                for unit in itertools.islice(rest, window):
                     pending[start(unit)] = unit
                 while pending:
                     handle = next(iter(pending)) if ordered else self._first_done(list(pending))

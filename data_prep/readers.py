@@ -10,6 +10,15 @@ Every row has the same keys (one schema for the work files)::
 
 ``quarantine`` is None for a document; for a quarantined record it is the reason, ``text`` is ""
 and ``excerpt`` holds the start of the offending line.
+
+Blank and whitespace-only lines of a jsonl file are no record at all: they are counted in the
+``skipped`` Counter a caller passes (``skipped["blank_lines"]``), so that lines in = rows + blank
+lines. A Parquet row or a .txt file is a record whatever its text (an empty one is dropped by
+the filters, and counted there).
+
+A compressed jsonl file cannot be cut, so when it is to be cleaned on several cores the driver
+reads it once with ``line_batches`` and each worker reads its batch with ``read_batch``: the rows
+are those ``read_jsonl`` gives for the whole file, line numbers included.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import glob
 import gzip
 import io
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,6 +35,7 @@ from typing import Any, Iterable, Iterator
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 SUFFIXES = (*JSONL_SUFFIXES, ".parquet", ".txt")
 EXCERPT_CHARS = 200
+BLANK_LINES = "blank_lines"
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -98,6 +109,11 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     import zstandard
 
     return (OSError, EOFError, ValueError, zstandard.ZstdError)
+
+
+def _read_failure(err: BaseException) -> tuple[str, str]:
+    """(reason, excerpt) of the quarantine row that stands for the unreadable rest of a file."""
+    return f"read_error:{type(err).__name__}", str(err)
 
 
 @dataclass(frozen=True)
@@ -182,40 +198,97 @@ def _lines_in(f: io.BufferedIOBase, part: FilePart | None) -> Iterator[bytes]:
             return
 
 
-def read_jsonl(path: Path, text_field: str = "text", id_field: str | None = "id", part: FilePart | None = None) -> Iterator[dict[str, Any]]:
+def read_jsonl(
+    path: Path, text_field: str = "text", id_field: str | None = "id", part: FilePart | None = None, skipped: Counter | None = None
+) -> Iterator[dict[str, Any]]:
     source = str(path)
     first_line = part.first_line if part else 1
+    try:
+        f = _open_binary(path)
+    except _read_errors() as err:
+        yield quarantine_row(source, first_line, *_read_failure(err))
+        return
+    with f:
+        yield from jsonl_rows(source, _lines_in(f, part), first_line, text_field, id_field, skipped)
+
+
+def jsonl_rows(
+    source: str, lines: Iterable[bytes], first_line: int, text_field: str = "text", id_field: str | None = "id", skipped: Counter | None = None
+) -> Iterator[dict[str, Any]]:
+    """Rows of raw jsonl lines numbered from ``first_line``; blank lines are counted in ``skipped``."""
     line_no = first_line - 1
     try:
-        with _open_binary(path) as f:
-            for line_no, raw in enumerate(_lines_in(f, part), start=first_line):
-                if line_no == 1 and raw.startswith(_BOM):
-                    raw = raw[len(_BOM):]
-                raw = raw.rstrip(b"\r\n")
-                # Blank lines separate nothing in jsonl; they are not documents (and not errors).
-                if not raw.strip():
-                    continue
-                try:
-                    decoded = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield quarantine_row(source, line_no, "invalid_utf8", raw)
-                    continue
-                try:
-                    obj = json.loads(decoded)
-                except (json.JSONDecodeError, RecursionError):
-                    yield quarantine_row(source, line_no, "bad_json", decoded)
-                    continue
-                if not isinstance(obj, dict):
-                    yield quarantine_row(source, line_no, "not_an_object", decoded)
-                    continue
-                text = obj.get(text_field)
-                if reason := text_problem(text):
-                    yield quarantine_row(source, line_no, reason, decoded)
-                    continue
-                yield _doc(_doc_id(obj, id_field, source, line_no), text, source, line_no)
+        for line_no, raw in enumerate(lines, start=first_line):
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            raw = raw.rstrip(b"\r\n")
+            # Blank lines separate nothing in jsonl; they are not documents (and not errors).
+            if not raw.strip():
+                if skipped is not None:
+                    skipped[BLANK_LINES] += 1
+                continue
+            yield _jsonl_row(raw, source, line_no, text_field, id_field)
     except _read_errors() as err:
         # A truncated .gz/.zst: everything before the damage was read; the rest is one quarantine row.
-        yield quarantine_row(source, line_no + 1, f"read_error:{type(err).__name__}", str(err))
+        yield quarantine_row(source, line_no + 1, *_read_failure(err))
+
+
+def _jsonl_row(raw: bytes, source: str, line_no: int, text_field: str, id_field: str | None) -> dict[str, Any]:
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return quarantine_row(source, line_no, "invalid_utf8", raw)
+    try:
+        obj = json.loads(decoded)
+    except (json.JSONDecodeError, RecursionError):
+        return quarantine_row(source, line_no, "bad_json", decoded)
+    if not isinstance(obj, dict):
+        return quarantine_row(source, line_no, "not_an_object", decoded)
+    text = obj.get(text_field)
+    if reason := text_problem(text):
+        return quarantine_row(source, line_no, reason, decoded)
+    return _doc(_doc_id(obj, id_field, source, line_no), text, source, line_no)
+
+
+@dataclass(frozen=True)
+class LineBatch:
+    """Lines ``first_line`` .. ``first_line + n_lines - 1`` of a file, as read (``data``); ``failure``
+    is the (reason, excerpt) of the read error that ended the file after them, if one did."""
+
+    first_line: int
+    n_lines: int
+    data: bytes
+    failure: tuple[str, str] | None = None
+
+
+def line_batches(path: str | Path, batch_bytes: int) -> Iterator[LineBatch]:
+    """A jsonl file (compressed or not) read once, in order, as batches of whole lines of about
+    ``batch_bytes`` (decompressed); an empty file is one empty batch. The cuts depend only on the
+    bytes and ``batch_bytes``, so a rerun cuts alike."""
+    lines: list[bytes] = []
+    first_line, size = 1, 0
+    try:
+        with _open_binary(Path(path)) as f:
+            for raw in f:
+                lines.append(raw)
+                size += len(raw)
+                if size >= batch_bytes:
+                    yield LineBatch(first_line, len(lines), b"".join(lines))
+                    first_line, lines, size = first_line + len(lines), [], 0
+    except _read_errors() as err:
+        yield LineBatch(first_line, len(lines), b"".join(lines), _read_failure(err))
+        return
+    if lines or first_line == 1:
+        yield LineBatch(first_line, len(lines), b"".join(lines))
+
+
+def read_batch(
+    source: str, batch: LineBatch, text_field: str = "text", id_field: str | None = "id", skipped: Counter | None = None
+) -> Iterator[dict[str, Any]]:
+    """The rows of one batch of ``line_batches``: those ``read_jsonl`` gives for its lines."""
+    yield from jsonl_rows(source, io.BytesIO(batch.data), batch.first_line, text_field, id_field, skipped)
+    if batch.failure:
+        yield quarantine_row(source, batch.first_line + batch.n_lines, *batch.failure)
 
 
 def read_parquet(path: Path, text_field: str = "text", id_field: str | None = "id", part: FilePart | None = None) -> Iterator[dict[str, Any]]:
@@ -294,12 +367,15 @@ def read_txt(path: Path, text_field: str = "text", id_field: str | None = "id") 
     yield _doc(f"{source}:1", text.replace("\r\n", "\n"), source, 1)
 
 
-def read_file(path: str | Path, text_field: str = "text", id_field: str | None = "id", part: FilePart | None = None) -> Iterator[dict[str, Any]]:
-    """Rows of one input file, or of one part of it (documents and quarantine rows, in file order)."""
+def read_file(
+    path: str | Path, text_field: str = "text", id_field: str | None = "id", part: FilePart | None = None, skipped: Counter | None = None
+) -> Iterator[dict[str, Any]]:
+    """Rows of one input file, or of one part of it (documents and quarantine rows, in file
+    order); lines that hold no record are counted in ``skipped``."""
     path = Path(path)
     name = path.name
     if name.endswith(JSONL_SUFFIXES):
-        yield from read_jsonl(path, text_field, id_field, part)
+        yield from read_jsonl(path, text_field, id_field, part, skipped)
     elif name.endswith(".parquet"):
         yield from read_parquet(path, text_field, id_field, part)
     elif name.endswith(".txt"):

@@ -18,8 +18,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from pretrain.events import read_events
+from data_prep.inspect import examples_by_reason, examples_markdown, funnel_rows
 from pretrain_pipeline import stages
 from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.preflight import preflight
 
 
 def _artifact_key(run_name: str, stage: str) -> str:
@@ -47,16 +50,20 @@ def _markdown_summary(stage: str, cfg: PipelineConfig, result: dict[str, Any]) -
     )
 
 
-def _filter_funnel(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Documents in, what each filter dropped, what was kept: the clean stage at a glance."""
-    docs_in = result.get("docs_in") or 0
-    rows = [{"step": "documents in", "documents": docs_in}]
-    rows += [{"step": f"dropped: {reason}", "documents": n} for reason, n in sorted((result.get("dropped") or {}).items())]
-    rows.append({"step": "quarantined (bad input)", "documents": result.get("quarantined", 0)})
-    rows.append({"step": "kept", "documents": result.get("kept", 0)})
-    for row in rows:
-        row["share"] = f"{row['documents'] / docs_in:.1%}" if docs_in else "-"
-    return rows
+def _clean_artifacts(run: str, clean_dir: Path) -> None:
+    """The filter funnel (steps in pipeline order, reasons by filter) and short examples of the
+    documents the most frequent reasons dropped, from the clean stage's outputs."""
+    stats = json.loads((clean_dir / "stats.json").read_text())
+    create_table_artifact(
+        key=_artifact_key(run, "filter-funnel"), table=funnel_rows(stats),
+        description=f"Filter funnel of run {run}: documents left after each step, in pipeline order",
+    )
+    examples = examples_markdown(examples_by_reason(clean_dir, top=5, per_reason=3))
+    create_markdown_artifact(
+        key=_artifact_key(run, "dropped-examples"),
+        markdown="\n".join([f"## Dropped documents of run `{run}`", "", *(examples or ["(none dropped)"])]),
+        description=f"Three dropped documents for each of the top drop reasons of run {run}",
+    )
 
 
 def _manifest_summary(manifest_path: Path) -> list[dict[str, Any]]:
@@ -70,10 +77,7 @@ def _stage_extras(stage: str, cfg: PipelineConfig, result: dict[str, Any]) -> No
     Artifacts page shows their history across reruns."""
     run = cfg.runtime.run_name
     if stage == "clean":
-        create_table_artifact(
-            key=_artifact_key(run, "filter-funnel"), table=_filter_funnel(result),
-            description=f"Filter funnel of run {run}",
-        )
+        _clean_artifacts(run, Path(result.get("output_dir") or cfg.run_dir() / "clean"))
     elif stage == "tokenize":
         manifest = Path(result.get("shards", {}).get("manifest_path") or cfg.run_dir() / "shards" / "manifest.json")
         if manifest.exists():
@@ -87,6 +91,13 @@ def _stage_extras(stage: str, cfg: PipelineConfig, result: dict[str, Any]) -> No
             key=_artifact_key(run, "run-dir"), link=run_dir.as_uri(), link_text=str(run_dir),
             description=f"Run directory of {run}: config, checkpoints, metrics, report",
         )
+        events = read_events(run_dir / "train")
+        if events:
+            create_table_artifact(
+                key=_artifact_key(run, "train-events"),
+                table=[{k: e.get(k) for k in ("time", "step", "kind", "message")} for e in events],
+                description=f"Resumes, conversions, rollbacks and restarts of run {run} (train/events.jsonl)",
+            )
         if result.get("wandb_dir"):
             wandb_dir = Path(result["wandb_dir"]).resolve()
             create_link_artifact(
@@ -152,33 +163,49 @@ def report_task(cfg: PipelineConfig) -> str:
     return str(path)
 
 
+class PreflightFailed(ValueError):
+    """The config cannot run here (missing inputs, no device, ...): one line per problem."""
+
+
+def _preflight(config: PipelineConfig, stage_names: list[str]) -> None:
+    # Deployments start flows without the CLI: refuse before any task (and its retries) starts.
+    problems = preflight(config, stage_names)
+    if problems:
+        raise PreflightFailed("\n".join(str(p) for p in problems))
+
+
 @flow(name="clean")
 def clean_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
     """Clean and deduplicate the raw corpus on Ray."""
+    _preflight(config, ["clean"])
     return clean_task(config, force)
 
 
 @flow(name="tokenize")
 def tokenize_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
     """Train the SentencePiece tokenizer and write Arrow shards on Ray."""
+    _preflight(config, ["tokenize"])
     return tokenize_task(config, force)
 
 
 @flow(name="train")
 def train_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
     """Pretrain the GPT with DeepSpeed ZeRO; logs stream into this run."""
+    _preflight(config, ["train"])
     return train_task(config, force)
 
 
 @flow(name="evaluate")
 def evaluate_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
     """Held-out perplexity, bits per byte and sample generations."""
+    _preflight(config, ["evaluate"])
     return evaluate_task(config, force)
 
 
 @flow(name="export")
 def export_flow(config: PipelineConfig, force: bool = False) -> dict[str, Any]:
     """Export the trained model to Hugging Face format."""
+    _preflight(config, ["export"])
     return export_task(config, force)
 
 
@@ -190,6 +217,7 @@ def pretrain_pipeline(config: PipelineConfig, force: list[str] | None = None) ->
     stages after a redone one notice their inputs changed and redo themselves.
     """
     forced = stages.forced_stages(force or ())
+    _preflight(config, list(stages.STAGES))
     results: dict[str, Any] = {
         "clean": clean_task(config, "clean" in forced),
         "tokenize": tokenize_task(config, "tokenize" in forced),

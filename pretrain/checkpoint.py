@@ -440,10 +440,13 @@ def load_checkpoint(
     checkpoint_dir: str | Path,
     log_line: Callable[[str], Any] = print,
     check: Callable[[dict[str, Any]], Any] | None = None,
+    convert: Callable[[str, dict[str, Any]], bool] | None = None,
 ) -> tuple[str, dict[str, Any]] | None:
     """Resume every rank from the newest usable tag (chosen by rank 0); None when there is none.
 
-    Returns the tag and our client state (``check`` sees it before DeepSpeed reads any weights). A
+    Returns the tag and our client state (``check`` sees it before DeepSpeed reads any weights;
+    ``convert(tag, state)`` loads a checkpoint written on another world size or ZeRO stage itself
+    and returns True, or returns False for DeepSpeed's own load). A
     damaged newest tag is refused with a line naming the file and the previous complete one is
     used; when every complete tag is damaged this raises.
     """
@@ -473,6 +476,8 @@ def load_checkpoint(
         state["zero_stages_from_files"] = zero_stages_of(checkpoint_dir / tag)
     if check:
         check(state)
+    if convert and convert(tag, state):
+        return tag, state
     safe_checkpoint_engine(_ds(engine))
     load_path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
     if load_path is None:

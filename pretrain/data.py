@@ -2,8 +2,10 @@
 
 Each split is one flat token stream (documents end with EOS), memory-mapped shard by shard.
 Samples are ``block_size + 1`` tokens at stride ``block_size``, visited in a seeded permutation
-per epoch; rank r of w takes every w-th sample of that permutation. The position in that walk is
-three integers (epoch, cursor, seed), so a resumed run sees exactly the batches it would have.
+per epoch that all ranks walk together (``pretrain.sampler``): optimizer step k reads the same
+global batch on any number of ranks. The position in that walk (epoch, cursor, seed, skipped
+ranges, global batch) is the loader's state, so a resumed run sees exactly the batches it would
+have had, also on another number of ranks with the same global batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from pretrain.global_batch import BatchLayout
+from pretrain.sampler import GlobalSampler, MixtureSampler
 from pretrain_pipeline.artifacts import read_json, sha256_file
 
 MANIFEST = "manifest.json"
@@ -131,8 +135,34 @@ def windows_to_batch(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Ten
     return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
 
 
-class ShardDataset:
-    """Endless, resumable, rank-disjoint batches of one split."""
+class GlobalWalkMixin:
+    """What a loader exposes of its ``sampler``'s global walk (``pretrain.sampler``)."""
+
+    sampler: GlobalSampler | MixtureSampler
+
+    position = property(lambda self: self.sampler.position, doc="Global position of the next sample.")
+
+    @property
+    def recording(self) -> bool:
+        """Whether the walk keeps every micro-step's global sample ids for :meth:`take_consumed`."""
+        return self.sampler.recording
+
+    @recording.setter
+    def recording(self, on: bool) -> None:
+        self.sampler.recording = on
+
+    def take_consumed(self) -> np.ndarray:
+        """Global sample ids every rank read since the last call (set ``recording`` first)."""
+        return self.sampler.take_consumed()
+
+    def skip(self, lo: int, hi: int) -> None:
+        """Never serve global positions ``[lo, hi)`` (e.g. the window that led to a loss spike)."""
+        self.sampler.skip(lo, hi)
+
+
+class ShardDataset(GlobalWalkMixin):
+    """Endless, resumable batches of one split: this rank's share of the global walk
+    (``pretrain.sampler``), so the samples of a step do not depend on the number of ranks."""
 
     def __init__(
         self,
@@ -144,71 +174,65 @@ class ShardDataset:
         world_size: int = 1,
         seed: int = 0,
         verify: bool = True,
+        grad_accum_steps: int = 1,
     ):
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
         if verify:
             self.manifest.verify((split,))
         self.split, self.block_size, self.micro_batch_size = split, block_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
+        self.layout = BatchLayout(micro_batch_size, grad_accum_steps, world_size)
         self.stream = TokenStream(self.manifest.shard_paths(split))
         self.num_samples = max(0, (len(self.stream) - 1) // block_size)
-        # Every rank gets the same count so all ranks take the same number of steps per epoch.
-        self.samples_per_rank = self.num_samples // world_size
-        if self.samples_per_rank < micro_batch_size:
+        if self.num_samples < self.layout.global_batch:
             raise ValueError(
-                f"split {split!r} has {len(self.stream)} tokens = {self.num_samples} samples of "
-                f"{block_size + 1}; {world_size} rank(s) x micro_batch {micro_batch_size} need at least "
-                f"{world_size * micro_batch_size}: use more data or a smaller block/batch"
+                f"split {split!r} of {self.manifest.path} has {len(self.stream)} tokens = {self.num_samples} samples "
+                f"of {block_size + 1}; a global batch of {self.layout.describe()}: need at least "
+                f"{self.layout.global_batch}: use more data or a smaller block/batch"
             )
-        self.seed, self.epoch, self.cursor = seed, 0, 0
-        self._order: np.ndarray | None = None
+        self.samples_per_rank = self.num_samples // world_size  # validation's per-rank share
+        self.sampler = GlobalSampler(self.num_samples, self.layout, rank, seed)
 
-    def _rank_order(self) -> np.ndarray:
-        if self._order is None:
-            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-            self._order = perm[: self.samples_per_rank * self.world_size][self.rank :: self.world_size]
-        return self._order
+    epoch = property(lambda self: self.sampler.epoch, doc="Epoch of the next sample.")
+
+    def window(self, sample_id: int) -> np.ndarray:
+        """Sample ``sample_id``: ``block_size + 1`` tokens starting at ``sample_id x block_size``."""
+        start = int(sample_id) * self.block_size
+        return self.stream.slice(start, start + self.block_size + 1)
+
+    def windows(self, sample_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return windows_to_batch([self.window(i) for i in sample_ids])
 
     def sample_indices(self) -> np.ndarray:
-        """Indices of the next micro-batch's samples (without advancing); for tests and logging."""
-        return self._rank_order()[self.cursor : self.cursor + self.micro_batch_size]
+        """Indices of this rank's next micro-batch's samples (without advancing); for tests and logging."""
+        return self.sampler.peek()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cursor + self.micro_batch_size > self.samples_per_rank:
-            self.epoch, self.cursor, self._order = self.epoch + 1, 0, None  # drop the ragged tail
-        idx = self.sample_indices()
-        self.cursor += self.micro_batch_size
-        bs = self.block_size
-        return windows_to_batch([self.stream.slice(int(i) * bs, int(i) * bs + bs + 1) for i in idx])
+        return self.windows(self.sampler.next_ids())
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "world_size": self.world_size}
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("world_size", self.world_size) != self.world_size:
-            # The walk is defined per world size; continuing it with another one would repeat data.
-            raise ValueError(
-                f"data state was saved with world_size {state['world_size']}, this run has {self.world_size}"
-            )
-        self.epoch, self.cursor, self.seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
-        self._order = None
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a walk saved on any number of ranks with the same global batch."""
+        self.sampler.load_state_dict(state)
 
     def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The first ``n_batches`` of this rank's share in stream order (the same set every call)."""
         order = np.arange(self.samples_per_rank * self.world_size)[self.rank :: self.world_size]
-        bs, mb = self.block_size, self.micro_batch_size
+        mb = self.micro_batch_size
         for b in range(min(n_batches, len(order) // mb)):
-            idx = order[b * mb : (b + 1) * mb]
-            yield windows_to_batch([self.stream.slice(int(i) * bs, int(i) * bs + bs + 1) for i in idx])
+            yield self.windows(order[b * mb : (b + 1) * mb])
 
 
-class MixtureDataset:
+class MixtureDataset(GlobalWalkMixin):
     """Batches drawn from several named datasets by weight (Megatron blends, llm-foundry streams).
 
-    Each source is its own ``ShardDataset`` walk; which source serves step ``k`` is a pure function
-    of (seed, k), so the state is the step count, the weights and each source's walk. The weights
-    go into ``state_dict`` and a resumed run refuses different ones instead of silently re-mixing.
-    A whole micro-batch comes from one source (same shapes, one stream per step, as Megatron does).
+    The mixture walks one stream of global positions; each chunk of ``micro_batch_size`` of them
+    comes from the source that a pure function of (seed, chunk index) picks, and each source
+    serves from its own global walk (``pretrain.sampler.MixtureSampler``), so the samples of a step
+    do not depend on the number of ranks. The weights go into ``state_dict`` and a resumed run
+    refuses different ones instead of silently re-mixing.
     """
 
     def __init__(self, sources: dict[str, ShardDataset], weights: dict[str, float], seed: int = 0):
@@ -220,42 +244,32 @@ class MixtureDataset:
         self.sources = sources
         total = float(sum(weights.values()))
         self.weights = {n: float(weights[n]) / total for n in self.names}
-        self.seed, self.step = seed, 0
-        self.counts = {n: 0 for n in self.names}
-        self._cdf = np.cumsum([self.weights[n] for n in self.names])
+        first = sources[self.names[0]]
+        self.layout = first.layout
+        self.sampler = MixtureSampler({n: s.sampler for n, s in sources.items()}, self.weights, first.rank, seed)
 
-    def source_at(self, step: int) -> str:
-        u = np.random.default_rng([self.seed, step]).random()
-        return self.names[min(int(np.searchsorted(self._cdf, u, side="right")), len(self.names) - 1)]
+    counts = property(lambda self: self.sampler.counts, doc="Samples each source served (all ranks).")
+
+    def source_at(self, chunk_index: int) -> str:
+        return self.sampler.source_at(chunk_index)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        name = self.source_at(self.step)
-        self.step += 1
-        self.counts[name] += 1
-        return self.sources[name].next_batch()
+        source, ids = self.sampler.next_ids()
+        return windows_to_batch([self.sources[self.names[s]].window(i) for s, i in zip(source, ids)])
 
     def realised_proportions(self) -> dict[str, float]:
-        """Share of batches each source served since step 0 (to log next to the configured weights)."""
+        """Share of samples each source served since step 0 (to log next to the configured weights)."""
         n = max(1, sum(self.counts.values()))
         return {k: v / n for k, v in self.counts.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "mixture": dict(self.weights),
-            "step": self.step,
-            "seed": self.seed,
-            "counts": dict(self.counts),
-            "sources": {n: self.sources[n].state_dict() for n in self.names},
-        }
+        return {"mixture": dict(self.weights), **self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = {k: float(v) for k, v in state["mixture"].items()}
         if set(saved) != set(self.weights) or any(abs(saved[k] - self.weights[k]) > 1e-9 for k in saved):
             raise ValueError(f"checkpoint was trained on mixture {saved}, this run is configured with {self.weights}")
-        self.step, self.seed = int(state["step"]), int(state["seed"])
-        self.counts = {k: int(v) for k, v in state["counts"].items()}
-        for n in self.names:
-            self.sources[n].load_state_dict(state["sources"][n])
+        self.sampler.load_state_dict(state)
 
     def eval_batches(self, n_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Evaluation stays per source; a mixture evaluates on its first (sorted) source."""
@@ -272,10 +286,12 @@ def build_mixture(
     world_size: int = 1,
     seed: int = 0,
     verify: bool = True,
+    grad_accum_steps: int = 1,
 ) -> MixtureDataset:
     """One ``ShardDataset`` per named manifest (each source walks with its own derived seed)."""
     sources = {
-        name: ShardDataset(m, split, block_size, micro_batch_size, rank, world_size, seed + 1000 * i, verify)
+        name: ShardDataset(m, split, block_size, micro_batch_size, rank, world_size, seed + 1000 * i, verify,
+                           grad_accum_steps)
         for i, (name, m) in enumerate(sorted(manifests.items()))
     }
     tokenizers = {s.manifest.raw["tokenizer_sha256"] for s in sources.values()}
@@ -293,9 +309,11 @@ def build_train_loader(cfg, paths, rank: int = 0, world_size: int = 1, verify: b
     """
     tc, block = cfg.train, cfg.model.block_size
     if not tc.data_mixture:
-        return ShardDataset(load_manifest(paths.shards), "train", block, tc.micro_batch_size, rank, world_size, tc.seed, verify)
+        return ShardDataset(load_manifest(paths.shards), "train", block, tc.micro_batch_size, rank, world_size, tc.seed,
+                            verify, tc.grad_accum_steps)
     runs_root = Path(cfg.runtime.runs_root)
     manifests = {
         name: paths.shards if name == cfg.runtime.run_name else runs_root / name / "shards" for name in tc.data_mixture
     }
-    return build_mixture(manifests, tc.data_mixture, "train", block, tc.micro_batch_size, rank, world_size, tc.seed, verify)
+    return build_mixture(manifests, tc.data_mixture, "train", block, tc.micro_batch_size, rank, world_size, tc.seed,
+                         verify, tc.grad_accum_steps)

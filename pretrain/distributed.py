@@ -61,12 +61,29 @@ def loopback_store() -> dist.TCPStore | None:
     return dist.TCPStore(addr, int(port), world, is_master=True, wait_for_workers=False, master_listen_fd=sock.detach())
 
 
+def restarted_agent_store() -> dist.Store | None:
+    """The agent's store under a prefix of this restart's own, for ranks torchrun restarted.
+
+    torch assumes each restart gets a fresh store, but a static rendezvous (``loopback_torchrun``,
+    multi-node ``--node_rank``) keeps one store for the whole launch: a restarted rank would read its
+    dead predecessors' gloo addresses and fail to connect. None when not restarted by torchrun.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt == "0":
+        return None
+    from deepspeed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"/worker/attempt_{attempt}", store)
+
+
 def init_distributed(backend: str) -> None:
     """``deepspeed.init_distributed`` (on a loopback store when the run is one node's, see
     ``loopback_store``), then the unlink of this rank's shm workspace."""
     import deepspeed
 
-    if not dist.is_initialized() and (store := loopback_store()) is not None:
+    if not dist.is_initialized() and (store := loopback_store() or restarted_agent_store()) is not None:
         # DeepSpeed adopts a process group that is already up.
         from deepspeed.constants import default_pg_timeout
 

@@ -150,8 +150,9 @@ class Engine:
         self.params = [p for p in ds_engine.module.parameters() if p.requires_grad]
         self.last_grad_norm: float | None = None
 
-    def set_lr(self, step: int) -> float:
-        lr = lr_at(step, self.train_cfg)
+    def set_lr(self, step: int, scale: float = 1.0) -> float:
+        """Set and return the LR of ``step``, times ``scale`` (lowered for a while after a rollback)."""
+        lr = lr_at(step, self.train_cfg) * scale
         # ZeRO wraps the client optimizer but steps its param_groups, so this is the LR it uses.
         for group in self.optimizer.param_groups:
             group["lr"] = lr

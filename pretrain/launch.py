@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pretrain.device import resolve_device
+from pretrain.global_batch import BatchLayout, GlobalBatchRefused, keep_global_batch
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, project_state_dir, read_json, sha256_file
 from pretrain_pipeline.config import PipelineConfig
 from pretrain_pipeline.stage import Stage, prepare_run
@@ -31,7 +32,9 @@ GRACE_SECONDS = 20.0
 
 
 class TrainingFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -95,7 +98,9 @@ def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
             cmd += rendezvous
         # --module: the deepspeed launcher runs "python -m" on what follows.
         return cmd + ["--module", "pretrain.trainer", *target]
-    ranks = ["--nproc_per_node", str(tc.launch.nproc_per_node), "-m", "pretrain.trainer", *target]
+    # torchrun restarts the whole local rank group after a rank fails; the ranks resume (train.resume: auto).
+    ranks = ["--nproc_per_node", str(tc.launch.nproc_per_node), "--max-restarts", str(tc.recovery.max_restarts),
+             "-m", "pretrain.trainer", *target]
     if tc.launch.nnodes == 1:
         return [sys.executable, "-m", "pretrain.launch", *ranks]
     # Static rendezvous: every node is told the same master and its own rank.
@@ -270,9 +275,57 @@ def run_streaming(cmd: list[str], env: dict[str, str], log_path: Path, log: Call
     if rc != 0:
         cause = "".join(f"{line}\n" for line in errors if line not in tail)
         raise TrainingFailed(
-            f"training exited with code {rc} (full log: {log_path}); {cause}last lines:\n" + "\n".join(tail)
+            f"training exited with code {rc} (full log: {log_path}); {cause}last lines:\n" + "\n".join(tail), rc
         )
     return rc
+
+
+def run_rank_group(cfg: PipelineConfig, paths: RunPaths, cmd: list[str], env: dict[str, str], log_path: Path,
+                   log: Callable[[str], Any]) -> None:
+    """Run the launcher command. torchrun restarts failed ranks itself (``--max-restarts``); the
+    deepspeed launcher does not, so after a failure it is started again, up to
+    ``train.recovery.max_restarts`` times, and its ranks resume from the latest checkpoint. A run
+    the non-finite or spike policy stopped, or one asked to stop, is not restarted: it would stop again."""
+    from pretrain.events import RESTART_COUNT_ENV
+    from pretrain.trainer import EXIT_NONFINITE, EXIT_PREEMPTED
+
+    restarts = cfg.train.recovery.max_restarts if cfg.train.launch.launcher == "deepspeed" else 0
+    for attempt in range(restarts + 1):
+        env[RESTART_COUNT_ENV] = str(attempt)
+        write_deepspeed_env(cfg, paths, env, log)
+        try:
+            run_streaming(cmd, env, log_path, log, cwd=Path(__file__).resolve().parent.parent)
+            return
+        except TrainingFailed as failure:
+            if attempt == restarts or failure.exit_code in (EXIT_NONFINITE, EXIT_PREEMPTED):
+                raise
+            log(f"train: rank group failed (exit code {failure.exit_code}); restarting from the latest "
+                f"checkpoint ({attempt + 1} of train.recovery.max_restarts={restarts})")
+
+
+def keep_resumed_global_batch(cfg: PipelineConfig, paths: RunPaths,
+                              log: Callable[[str], Any] = print) -> PipelineConfig:
+    """``train.resume: auto`` on another cluster shape: ``cfg`` with the grad_accum_steps that keeps
+    the global batch the latest checkpoint recorded. Raises GlobalBatchRefused when none fits."""
+    tc = cfg.train
+    if tc.resume != "auto" or not paths.checkpoints.is_dir():
+        return cfg
+    from pretrain.checkpoint import find_usable_tag, load_client_state
+
+    tag, _ = find_usable_tag(paths.checkpoints, verify=False)  # the ranks verify the hashes
+    saved = BatchLayout.from_state(load_client_state(paths.checkpoints, tag).get("data", {})) if tag else None
+    if saved is None:  # nothing to resume, or saved before the layout was recorded (the loader judges it)
+        return cfg
+    world = tc.launch.nproc_per_node * tc.launch.nnodes
+    try:
+        layout = keep_global_batch(saved, tc.micro_batch_size, world)
+    except GlobalBatchRefused as refused:
+        raise GlobalBatchRefused(f"refusing to resume {paths.checkpoints / tag}: {refused}") from None
+    if layout != saved or layout.grad_accum_steps != tc.grad_accum_steps:
+        log(f"train: resuming {tag} written with a global batch of {saved.describe()}: grad_accum_steps "
+            f"{layout.grad_accum_steps} keeps it on {world} rank(s) ({layout.describe()}; configured "
+            f"{tc.grad_accum_steps})")
+    return cfg.model_copy(update={"train": tc.model_copy(update={"grad_accum_steps": layout.grad_accum_steps})})
 
 
 def launch_training(cfg: PipelineConfig, paths: RunPaths, force: bool = False, log: Callable[[str], Any] = print) -> TrainResult:
@@ -285,11 +338,16 @@ def launch_training(cfg: PipelineConfig, paths: RunPaths, force: bool = False, l
     leader = cfg.train.launch.node_rank == 0
     # Refuse a run that cannot fit before any process starts (and before config.yaml changes).
     from pretrain.plan import check_fits, make_plan, plan_vocab_size
+    from pretrain.reshard import planned_conversion
 
+    # A checkpoint of another cluster shape: keep its global batch, or refuse before anything starts.
+    cfg = keep_resumed_global_batch(cfg, paths, log)
     plan = make_plan(cfg, plan_vocab_size(cfg, paths))
     check_fits(plan)
     for line in plan.lines():
         log(f"train: plan: {line}")
+    if leader and (note := planned_conversion(paths.checkpoints, cfg.train)):  # another world size / ZeRO stage
+        log(f"train: plan: {note}")
     # The ranks read config.yaml; make sure it says what this call was given.
     prepare_run(cfg, paths)
     if leader and cfg.train.resume == "never" and paths.checkpoints.exists():
@@ -307,10 +365,9 @@ def launch_training(cfg: PipelineConfig, paths: RunPaths, force: bool = False, l
         env = build_env(cfg)
         Path(env["TORCH_EXTENSIONS_DIR"]).mkdir(parents=True, exist_ok=True)
         cmd = build_command(cfg, paths)
-        write_deepspeed_env(cfg, paths, env, log)
         log("train: " + " ".join(cmd))
         log_name = "launcher.log" if leader else f"launcher-node{cfg.train.launch.node_rank}.log"
-        run_streaming(cmd, env, paths.train / log_name, log, cwd=Path(__file__).resolve().parent.parent)
+        run_rank_group(cfg, paths, cmd, env, paths.train / log_name, log)
     if not leader:
         # Global rank 0 (on node 0) writes the summary and node 0's launcher the stage record.
         return TrainResult(checkpoint_dir=str(paths.checkpoints), last_tag=None, final_loss=None,

@@ -184,6 +184,22 @@ class Tracker:
         if self._run is not None and step >= self.first_wandb_step:
             self._run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
+    def event(self, event: dict[str, Any]) -> None:
+        """A timeline event (``pretrain.events``): counted as ``events/<kind>`` at its step, and the
+        run's events so far listed in the summary."""
+        if self._run is None:
+            return
+        from pretrain.events import event_line, read_events
+
+        step = event.get("step")
+        if step is not None and step >= self.first_wandb_step:
+            self._run.log({f"events/{event['kind']}": 1}, step=step)
+        self._run.summary["events"] = [event_line(e) for e in read_events(self.run_dir / "train")]
+
+    def skip_wandb_until(self, step: int) -> None:
+        """Log steps below ``step`` to metrics.jsonl only: W&B already has them (a rollback replays them)."""
+        self.first_wandb_step = max(self.first_wandb_step, step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self._run is not None:
             self._run.summary.update(values)

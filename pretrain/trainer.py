@@ -28,13 +28,19 @@ from pretrain.checkpoint import latest_tag, load_checkpoint, rng_state, save_che
 from pretrain.data import DataIntegrityError, MixtureDataset, ShardDataset, build_train_loader, load_manifest
 from pretrain.device import rank_device
 from pretrain.distributed import init_distributed
+from pretrain.events import event_line, record_event, restart_count
 from pretrain.faults import LossFaults
 from pretrain.model import GPT, resolve_vocab_size
+from pretrain.spikes import RollBack, SpikeGuard
+from pretrain.sampler import sample_digest
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json
 from pretrain_pipeline.config import PipelineConfig, TrainConfig, load_config
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: saved and stopped early, not finished
 EXIT_NONFINITE = 4  # NaN/inf loss (train.recovery.nonfinite_loss): stopped without saving the bad state
+# Set to 1, rank 0 logs a hash of each step's global sample ids (data/sample_hash) to metrics.jsonl:
+# tests compare it between runs on different cluster shapes.
+SAMPLE_HASH_ENV = "PRETRAIN_PIPELINE_SAMPLE_HASH"
 
 
 def nonfinite_failure(tc: TrainConfig, skipped: int, paths: RunPaths, what: str) -> str | None:
@@ -45,27 +51,16 @@ def nonfinite_failure(tc: TrainConfig, skipped: int, paths: RunPaths, what: str)
         return None
     why = ("train.recovery.nonfinite_loss=stop" if policy.nonfinite_loss == "stop"
            else f"{skipped} skipped micro-batches > train.recovery.max_skipped_batches={policy.max_skipped_batches}")
+    return stop_message(what, why, paths)
+
+
+def stop_message(what: str, why: str, paths: RunPaths) -> str:
+    """Why the run stopped without saving, naming the checkpoint that stays the last good state."""
     return (
         f"{what}; stopped without saving ({why}); latest checkpoint "
         f"{latest_tag(paths.checkpoints) or '(none)'} is the last good state. "
         "Lower train.optimizer.lr, raise train.schedule.warmup_steps or set train.optimizer.grad_clip."
     )
-
-
-def resume_refusal(state: dict[str, Any], zero_stage: int, world: int) -> str | None:
-    """Why a checkpoint (its client state) cannot resume on ``zero_stage`` x ``world`` ranks, or None.
-
-    DeepSpeed lays out optimizer state per stage, and under ZeRO per rank: it cannot read another
-    stage's files or re-partition ZeRO state for a new world size, and fails deep inside its loader
-    (a ZeRO-0 engine given a ZeRO checkpoint finds its optimizer state missing). ZeRO-0 state is
-    whole, so it resumes on any world size. Checkpoints from before the stage was recorded are
-    judged by their files (``pretrain.checkpoint.zero_stages_of``).
-    """
-    stages = [state["zero_stage"]] if "zero_stage" in state else state.get("zero_stages_from_files", [])
-    saved_world = state.get("world_size", len(state.get("rng", [])))
-    if not stages or (zero_stage in stages and (zero_stage == 0 or saved_world == world)):
-        return None
-    return f"was written by {saved_world} rank(s) running ZeRO-{'/'.join(map(str, stages))}"
 
 
 def memory_metrics(device: str) -> dict[str, float]:
@@ -149,7 +144,14 @@ class Trainer:
         self.manifest = load_manifest(paths.shards)
         self.vocab_size = resolve_vocab_size(cfg.model, self.manifest.vocab_size)
         self.model = self._build_model()
+        from pretrain.reshard import optimizer_param_names
+
+        # What maps a ZeRO-0 checkpoint's optimizer state to names when it is converted; read before
+        # ZeRO-3 partitions the model.
+        self.param_names = optimizer_param_names(self.model)
+        self.conversion: dict[str, Any] | None = None  # the record of the conversion the last load went through
         self.train_data, self.val_data = self._load_data()
+        self.train_data.recording = self.rank == 0 and os.environ.get(SAMPLE_HASH_ENV) == "1"
 
         from pretrain.engine import build_engine, effective_zero_stage
 
@@ -160,9 +162,12 @@ class Trainer:
         self.last_loss = float("nan")
         self.skipped = 0  # micro-batches dropped by train.recovery.nonfinite_loss: skip
         self.last_saved = -1
+        self.spikes = SpikeGuard(self.tc.recovery)  # train.recovery.spike_policy; _resume restores its state
+        self.events: list[dict[str, Any]] = []  # recorded by this process (W&B gets them once the tracker runs)
         if self.tc.resume == "auto":
             self._resume()
         self.tracker = self._start_tracker() if self.rank == 0 else None
+        self._record_start_events()
         self.faults = LossFaults(self.rank)  # tests only: PRETRAIN_FAULT_* (pretrain.faults)
 
         from pretrain.plan import peak_flops
@@ -177,6 +182,30 @@ class Trainer:
         """A ``[pretrain]`` line from rank 0 (the launcher streams it to the log)."""
         if self.rank == 0:
             print(f"[pretrain] {message}", flush=True)
+
+    def _event(self, kind: str, step: int | None, message: str, **details: Any) -> None:
+        """A timeline event (rank 0): train/events.jsonl, the train log, and W&B."""
+        if self.rank != 0:
+            return
+        event = record_event(self.paths.train, kind, step, message, **details)
+        self.events.append(event)
+        self._say(f"event: {event_line(event)}")
+        if getattr(self, "tracker", None):
+            self.tracker.event(event)
+
+    def _record_start_events(self) -> None:
+        """A launcher restart and the resume it led to (events before the tracker reach W&B now)."""
+        if self.tracker:
+            for event in self.events:
+                self.tracker.event(event)
+        restarts = restart_count()
+        if restarts:
+            self._event("restart", self.step, f"rank group restarted by the launcher ({restarts} of "
+                        f"train.recovery.max_restarts={self.tc.recovery.max_restarts}); continuing at step {self.step}",
+                        restarts=restarts)
+        if self.step:
+            self._event("resume", self.step, f"resumed from {self.paths.checkpoints / tag_for(self.step)} at step "
+                        f"{self.step} on {self.world} rank(s) ZeRO-{self.zero_stage}", world_size=self.world)
 
     # ------------------------------------------------------------------------------------- setup
 
@@ -215,37 +244,65 @@ class Trainer:
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint this launch cannot continue, before DeepSpeed reads its weights."""
-        from pretrain.engine import zero_stage_note
-
         checkpoints = self.paths.checkpoints
         if state.get("model_fingerprint") != self.cfg.model.fingerprint():
             raise RuntimeError(
                 f"{checkpoints} holds checkpoints of a different model config; "
                 "set train.resume: never (they are moved aside) or use another run name"
             )
-        refused = resume_refusal(state, self.zero_stage, self.world)
-        if refused:
-            raise RuntimeError(
-                f"{checkpoints} {refused}; this launch runs ZeRO-{zero_stage_note(self.tc, self.world)} on "
-                f"{self.world} rank(s), and DeepSpeed cannot read ZeRO optimizer state across stages or world "
-                "sizes. Resume with the same ranks and stage, or set train.resume: never (the checkpoints are "
-                "moved aside) to start over"
-            )
 
-    def _resume(self) -> None:
+    def _resume(self, rolling_back: bool = False) -> str | None:
         # The newest tag whose files match its completion record (rank 0 verifies, all ranks load);
         # a damaged newer one is refused by name and the previous complete one is used.
-        resumed = load_checkpoint(self.engine, self.paths.checkpoints, log_line=self._say, check=self._check_resumable)
+        resumed = load_checkpoint(self.engine, self.paths.checkpoints, log_line=self._say, check=self._check_resumable,
+                                  convert=self._load_converted)
         if not resumed:
-            return
+            return None
         tag, state = resumed
+        self.spikes.load_state_dict(state.get("spikes"), rolling_back)
         self.step, self.tokens_seen, self.wandb_id = state["step"], state["tokens_seen"], state.get("wandb_run_id")
+        if self.conversion and not rolling_back:  # weights and optimizer state are in; before the data position
+            self._report_conversion(state)
         self.last_loss = state.get("loss", float("nan"))
         self.skipped = state.get("skipped_batches", 0)
         self.train_data.load_state_dict(state["data"])
-        rngs = state["rng"]
-        set_rng_state(rngs[self.rank] if self.rank < len(rngs) else rngs[0])
-        self._say(f"resumed from {self.paths.checkpoints / tag} at step {self.step}")
+        self._restore_rng(state["rng"])
+        if not rolling_back:
+            self._say(f"resumed from {self.paths.checkpoints / tag} at step {self.step}")
+        return tag
+
+    def _load_converted(self, tag: str, state: dict[str, Any]) -> bool:
+        """Load a checkpoint written on another world size or ZeRO stage through its topology-free
+        conversion (made once, recorded next to the tag); False: DeepSpeed's own load reads it."""
+        from pretrain.reshard import load_converted_checkpoint, needs_conversion
+
+        self.conversion = None
+        if not needs_conversion(state, self.zero_stage, self.world):
+            return False
+        self.conversion = load_converted_checkpoint(self.engine, self.paths.checkpoints / tag, self.param_names)
+        return True
+
+    def _restore_rng(self, rngs: list[Any]) -> None:
+        """Each rank's RNG streams continue when the rank count is unchanged; on another count a
+        rank's stream has no predecessor, so every rank starts a fresh one of (seed, step, rank)."""
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank])
+            return
+        seed = int(np.random.SeedSequence([self.tc.seed, self.step, self.rank]).generate_state(1)[0])
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _report_conversion(self, state: dict[str, Any]) -> None:
+        """The first log line and the timeline event of a resume on another world size or ZeRO stage."""
+        from pretrain.reshard import saved_layout, topology
+
+        record = self.conversion
+        saved_world, stages = saved_layout(state)
+        source, target = topology(saved_world, "/".join(map(str, stages))), topology(self.world, self.zero_stage)
+        how = f"converted in {record['seconds']:.1f} s" + (" (an earlier conversion, reused)" if record["reused"] else "")
+        self._event("conversion", self.step, f"resuming step {self.step} written by {source} on {target}: {how}",
+                    source=source, target=target, seconds=record["seconds"], reused=record["reused"])
 
     def _start_tracker(self):
         """Rank 0's metrics.jsonl and W&B run, then the plan and the run's header lines."""
@@ -266,7 +323,8 @@ class Trainer:
             self._say(f"plan: {line}")
         self._say(
             f"{model.num_params():,} params, world {world}, device {self.device}, "
-            f"zero {zero_stage_note(tc, world)}, {tc.precision}, steps {self.step}->{tc.max_steps}"
+            f"zero {zero_stage_note(tc, world)}, {tc.precision}, global batch {self.train_data.layout.describe()}, "
+            f"steps {self.step}->{tc.max_steps}"
             + (", activation checkpointing" if getattr(model, "activation_checkpointing", False) else "")
             + (", compiled" if self.engine.is_compiled else "")
         )
@@ -282,14 +340,20 @@ class Trainer:
         while self.step < self.tc.max_steps:
             if stop_agreed:
                 return self.finish(preempted=True)
-            lr = self.engine.set_lr(self.step)
+            self.faults.kill_before(self.step + 1)
+            lr = self.engine.set_lr(self.step, scale=self.spikes.budget.lr_scale(self.step))
             try:
                 loss = self.train_step(lr)
+                if loss is None:  # the update was not applied: redo the step with the next micro-batches
+                    continue
+                stop_agreed = self._count_step(loss)
+                self.spikes.judge(self.step, self.last_loss)  # the all-reduced loss: every rank agrees
             except NonFiniteStop as failure:
                 return self.abort(str(failure))
-            if loss is None:  # the update was not applied: redo the step with the next micro-batches
+            except RollBack as bad:
+                if failure := self._roll_back(bad):
+                    return self.abort(failure)
                 continue
-            stop_agreed = self._count_step(loss)
             self._log_validate_save(lr)
         return self.finish(preempted=False)
 
@@ -307,8 +371,9 @@ class Trainer:
             loss = self.faults.apply(loss)
             # Checked on every rank before backward, and agreed by all-reduce: ZeRO reduces gradients
             # inside backward and DeepSpeed counts micro-steps to find the accumulation boundary, so
-            # all ranks must skip (or stop on) the same micro-batch.
-            if any_rank(not bool(torch.isfinite(loss.detach())), self.device):
+            # all ranks must skip (or stop on) the same micro-batch. Rolling back needs no check here:
+            # the NaN reaches the step loss (and the boundary's gradients), and the step rolls back.
+            if not self.spikes.enabled and any_rank(not bool(torch.isfinite(loss.detach())), self.device):
                 self._skip_or_stop(
                     1, f"non-finite loss at step {self.step + 1} (micro-batch {good + 1} of {accum}, lr {lr:.3g})",
                     "non-finite loss, micro-batch skipped")
@@ -321,13 +386,38 @@ class Trainer:
             good += 1
         # Every rank sees the same verdict without a collective: the boundary's gradients were
         # all-reduced before the check (ZeRO-0) or DeepSpeed judged their all-reduced norm (ZeRO, bf16).
+        if not grads_finite and self.spikes.enabled:
+            raise RollBack(self.step + 1, "non-finite gradients", f"lr {lr:.3g}; the update was not applied")
         if not grads_finite:
             # The weights are still the last good ones: skip the step's micro-batches (or stop).
             self._skip_or_stop(
                 accum, f"non-finite gradients at step {self.step + 1} (finite loss, lr {lr:.3g}); the update was not applied",
                 f"non-finite gradients, update not applied, its {accum} micro-batch(es) skipped")
             return None
-        return loss_sum / accum
+        return self.faults.spike(self.step + 1, loss_sum / accum)
+
+    def _roll_back(self, bad: RollBack) -> str | None:
+        """Every rank returns to the last checkpoint (the resume path), skips the global samples drawn
+        since it up to the bad step, and goes on; the stop message instead once the budget is spent."""
+        budget = self.spikes.budget
+        if budget.exhausted():
+            return stop_message(str(bad), f"train.recovery.max_rollbacks={budget.max_rollbacks} rollbacks already made",
+                                self.paths)
+        drawn_to = self.train_data.position
+        if self._resume(rolling_back=True) is None:
+            return stop_message(str(bad), "no checkpoint to roll back to yet: lower train.checkpoint.every", self.paths)
+        skipped = [self.train_data.position, drawn_to]
+        self.train_data.skip(*skipped)  # recorded in the loader state, so never served again
+        budget.spend(self.step)
+        self.last_saved = self.step
+        if self.tracker:  # W&B keeps the first pass of the replayed steps (it cannot go back)
+            self.tracker.skip_wandb_until(bad.step + 1)
+        lr_note = (f"; LR x{budget.lr_factor} until step {budget.lr_scaled_until}"
+                   if budget.lr_factor != 1 and budget.lr_steps else "")
+        self._event("rollback", bad.step, f"{bad}; rolled back to step {self.step}, global samples "
+                    f"[{skipped[0]}, {skipped[1]}) skipped{lr_note} (rollback {budget.rollbacks} of "
+                    f"{budget.max_rollbacks})", resumed_step=self.step, skipped=skipped, rollbacks=budget.rollbacks)
+        return None
 
     def _skip_or_stop(self, batches: int, what: str, skip_note: str) -> None:
         """Count ``batches`` more skipped micro-batches; raise NonFiniteStop if the policy stops here."""
@@ -343,6 +433,9 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         self.window_tokens += self.tokens_per_step
         self.last_loss, stop_agreed = step_consensus(local_loss, self.stop.requested, self.device)
+        if self.train_data.recording and self.tracker:
+            self.tracker.log({"data/sample_hash": sample_digest(self.train_data.take_consumed()),
+                              "data/position": self.train_data.position}, self.step)
         return stop_agreed
 
     # ----------------------------------------------------------------------------------- cadence
@@ -400,6 +493,7 @@ class Trainer:
             "model_fingerprint": self.cfg.model.fingerprint(),
             "loss": self.last_loss,
             "skipped_batches": self.skipped,
+            "spikes": self.spikes.state_dict(),
             "world_size": self.world,
             "zero_stage": self.zero_stage,
         }

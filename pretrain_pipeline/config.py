@@ -131,6 +131,34 @@ class FineWebConfig(FilterSection):
     new_line_ratio: float = Field(0.3, ge=0, description="Max newlines per word.")
 
 
+class BoilerplateConfig(FilterSection):
+    """Notice and navigation boilerplate (cookie banners, privacy and terms notices, menus, footers,
+    subscribe and share prompts): data_prep.filters.boilerplate."""
+
+    enabled: bool = Field(True, description="Drop documents made mostly of notice and navigation lines.")
+    max_notice_line_ratio: float = Field(
+        0.5, ge=0, le=1, description="Drop a document when at least this share of its lines are notice or navigation lines."
+    )
+    max_notice_line_words: int = Field(
+        40, ge=1, description="A line with a notice phrase counts only up to this many words (longer: prose mentioning one)."
+    )
+    max_nav_line_words: int = Field(6, ge=1, description="A line made only of navigation and button words counts up to this many words.")
+    min_menu_block_lines: int = Field(
+        4, ge=2, description="This many short capitalised lines in a row (menu entries) count as navigation lines."
+    )
+
+
+class DecontaminateConfig(Section):
+    """Benchmark decontamination: data_prep.benchmarks reads the tasks' texts, data_prep.filters.decontamination drops."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks or groups, resolved by lm-eval's TaskManager with eval.lm_eval_include_path; "
+        "a document sharing a word n-gram with a task's prompts and answers is dropped as contamination:<task>. Empty: off.",
+    )
+    ngram: int = Field(13, ge=3, description="Words per n-gram, after lowercasing and stripping punctuation (GPT-3, datatrove: 13).")
+
+
 class PIIConfig(Section):
     """PII redaction of the kept documents: data_prep.pii.PIIRedactor's keyword arguments."""
 
@@ -208,6 +236,12 @@ class DataConfig(Section):
     gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig, description="Gopher quality filter.")
     c4: C4Config = Field(default_factory=C4Config, description="C4 line and document filter.")
     fineweb: FineWebConfig = Field(default_factory=FineWebConfig, description="FineWeb quality filter.")
+    boilerplate: BoilerplateConfig = Field(
+        default_factory=BoilerplateConfig, description="Notice and navigation boilerplate filter."
+    )
+    decontaminate: DecontaminateConfig = Field(
+        default_factory=DecontaminateConfig, description="Benchmark decontamination (lm-eval tasks' n-grams)."
+    )
     pii: PIIConfig = Field(default_factory=PIIConfig, description="PII redaction (after the filters).")
     exact_dedup: bool = Field(True, description="Drop exact duplicates (hash of normalised text).")
     # MinHash LSH near-dup dedup (FineWeb: 5-gram shingles, 14 bands x 8 rows).
@@ -222,6 +256,15 @@ class DataConfig(Section):
         gt=0,
         description="Input files bigger than this are cleaned as several Ray tasks of about this size "
         "(plain jsonl cut at line starts, Parquet at row groups; .gz, .zst and .txt are read whole).",
+    )
+    clean_batch_mb: float = Field(
+        4.0,
+        ge=0,
+        description="With fewer input files than CPUs, tasks of at least this size: files are cut smaller and "
+        "compressed jsonl is read once by the driver and cleaned in line batches of this many MB; 0: one task per file.",
+    )
+    dropped_excerpt_chars: int = Field(
+        300, ge=0, description="Characters of each dropped document kept in dropped.parquet, to see what a filter removed."
     )
 
     @model_validator(mode="before")
@@ -404,7 +447,7 @@ class ValidationConfig(Section):
 
 
 class RecoveryConfig(Section):
-    """What a non-finite loss does."""
+    """What a non-finite loss, a loss spike or a failed rank does."""
 
     nonfinite_loss: Literal["stop", "skip"] = Field(
         "stop",
@@ -413,6 +456,26 @@ class RecoveryConfig(Section):
     )
     max_skipped_batches: int = Field(
         10, ge=0, description="skip: stop like `stop` once more micro-batches than this were skipped."
+    )
+    spike_policy: Literal["off", "rollback"] = Field(
+        "off",
+        description="rollback: on a loss spike or a NaN/inf loss or gradients (replacing nonfinite_loss), every "
+        "rank reloads the last checkpoint, skips the global samples drawn since it, and goes on.",
+    )
+    spike_window: int = Field(50, ge=2, description="A spike is judged against the last this many finite step losses.")
+    spike_k: float = Field(
+        6.0, gt=0, description="A step loss above the window's mean + spike_k standard deviations is a spike."
+    )
+    max_rollbacks: int = Field(
+        3, ge=0, description="rollback: after this many rollbacks the next bad step stops like nonfinite_loss: stop."
+    )
+    rollback_lr_factor: float = Field(
+        1.0, gt=0, le=1, description="rollback: the LR is multiplied by this for rollback_lr_steps steps after each one."
+    )
+    rollback_lr_steps: int = Field(0, ge=0, description="rollback: how many steps after a rollback run at the lowered LR.")
+    max_restarts: int = Field(
+        0, ge=0, description="torchrun / deepspeed launcher: restart a failed rank group this many times, "
+        "resuming from the latest checkpoint (launcher ray: launch.ray_max_failures)."
     )
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+from pretrain.events import read_events
 from pretrain_pipeline.artifacts import SUCCESS_FILE, RunPaths, atomic_write_text
 
 
@@ -64,20 +65,44 @@ def _figure(out: Path, title: str, height: float = 3.5) -> Iterator[Any]:
         plt.close(fig)
 
 
-def _plot_funnel(stats: dict[str, Any], out: Path) -> Path | None:
-    dropped = stats.get("dropped") or {}
-    labels = ["input"] + [f"- {k}" for k in dropped] + (["- quarantined"] if stats.get("quarantined") else []) + ["kept"]
-    values = [stats.get("docs_in", 0)] + list(dropped.values())
-    if stats.get("quarantined"):
-        values.append(stats["quarantined"])
-    values.append(stats.get("kept", 0))
-    colors = ["#4c72b0"] + ["#c44e52"] * (len(labels) - 2) + ["#55a868"]
-    with _figure(out, "Cleaning funnel", height=0.45 * len(labels) + 1) as ax:
-        ax.barh(labels[::-1], values[::-1], color=colors[::-1])
-        for i, v in enumerate(values[::-1]):
-            ax.text(v, i, f" {v:,}", va="center", fontsize=8)
+def _plot_funnel(steps: list[Any], out: Path) -> Path:
+    """Documents left after each step (blue) and removed by it (red), the first step on top."""
+    y = list(range(len(steps)))[::-1]
+    left, removed = [s.left for s in steps], [s.removed for s in steps]
+    with _figure(out, "Cleaning funnel", height=0.4 * len(steps) + 1) as ax:
+        ax.barh(y, left, color="#4c72b0", label="left")
+        ax.barh(y, removed, left=left, color="#c44e52", label="removed")
+        ax.set_yticks(y, [s.step for s in steps])
+        for yi, s in zip(y, steps):
+            ax.text(s.left + s.removed, yi, f" {s.left:,}" + (f" (-{s.removed:,})" if s.removed else ""), va="center", fontsize=8)
+        ax.margins(x=0.15)  # room for the labels right of the longest bar
         ax.set_xlabel("documents")
+        ax.legend(loc="lower right", fontsize=8)
     return out
+
+
+def _clean_section(paths: RunPaths) -> list[str]:
+    """The funnel (pipeline order, reasons by filter) and short examples of the top drop reasons."""
+    from data_prep.inspect import examples_by_reason, examples_markdown, funnel
+
+    stats = _load(paths.clean / "stats.json")
+    if not stats:
+        return ["(not run)", ""]
+    lines = _table([(k, stats.get(key, 0)) for k, key in (
+        ("documents in", "docs_in"), ("blank lines skipped", "skipped_blank_lines"), ("kept", "kept"), ("quarantined", "quarantined"))])
+    steps = funnel(stats)
+    lines += ["| step | removed | left | reasons |", "|---|---|---|---|"]
+    lines += [f"| {s.step} | {_fmt(s.removed)} | {_fmt(s.left)} | {s.reasons_text() or s.note} |" for s in steps]
+    lines += ["", "![filter funnel](plots/filter_funnel.png)", ""]
+    _plot_funnel(steps, paths.plots / "filter_funnel.png")
+    if contamination := stats.get("contamination"):
+        lines += [f"Benchmark decontamination ({contamination['ngram']}-grams): documents dropped per task", ""]
+        lines += _table([(task, n) for task, n in contamination["documents"].items()])
+    if examples := examples_by_reason(paths.clean, top=5, per_reason=3):
+        lines += ["Dropped documents, three for each of the most frequent reasons:", "", *examples_markdown(examples)]
+    if _plot_lengths(stats, paths.plots / "doc_lengths.png"):
+        lines += ["![document lengths](plots/doc_lengths.png)", ""]
+    return lines
 
 
 def _plot_lengths(stats: dict[str, Any], out: Path) -> Path | None:
@@ -96,14 +121,34 @@ def _plot_lengths(stats: dict[str, Any], out: Path) -> Path | None:
 
 
 def _loss_series(metrics: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """(step, loss) points of each curve in metrics.jsonl."""
-    return {
-        name: [(m["step"], m[f"{key}/loss"]) for m in metrics if f"{key}/loss" in m and "step" in m]
-        for name, key in (("train loss", "train"), ("validation loss", "val"))
-    }
+    """(step, loss) points of each curve in metrics.jsonl, in step order; a step logged again after a
+    resume or rollback keeps its newest value (the one the run went on from)."""
+    series = {}
+    for name, key in (("train loss", "train"), ("validation loss", "val")):
+        newest = {m["step"]: m[f"{key}/loss"] for m in metrics if f"{key}/loss" in m and "step" in m}
+        series[name] = sorted(newest.items())
+    return series
 
 
-def _plot_loss(series: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
+def _timeline(events: list[dict[str, Any]]) -> list[str]:
+    """The resumes, conversions, rollbacks and restarts of train/events.jsonl as a table."""
+    if not events:
+        return []
+    rows = [f"| {e.get('time', '')} | {'' if e.get('step') is None else e['step']} | {e['kind']} "
+            f"| {str(e.get('message', '')).replace('|', '/')} |" for e in events]
+    return ["Timeline (train/events.jsonl):", "", "| time | step | event | what |", "|---|---|---|---|", *rows, ""]
+
+
+# How the loss plot marks the timeline's events (resumes and conversions happen at checkpoints, unmarked).
+EVENT_MARKS = {"rollback": ("#c44e52", "--"), "restart": ("#8172b2", ":")}
+
+
+def _event_marks(events: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(step, kind) of each event the loss plot marks with a vertical line."""
+    return [(e["step"], e["kind"]) for e in events if e["kind"] in EVENT_MARKS and e.get("step") is not None]
+
+
+def _plot_loss(series: dict[str, list[tuple[int, float]]], events: list[dict[str, Any]], out: Path) -> Path | None:
     train, val = series["train loss"], series["validation loss"]
     if not train and not val:
         return None
@@ -112,6 +157,11 @@ def _plot_loss(series: dict[str, list[tuple[int, float]]], out: Path) -> Path | 
             ax.plot(*zip(*train), label="train loss", lw=1)
         if val:
             ax.plot(*zip(*val), "o-", label="validation loss", ms=3)
+        labelled: set[str] = set()
+        for step, kind in _event_marks(events):
+            color, style = EVENT_MARKS[kind]
+            ax.axvline(step, color=color, ls=style, lw=1, label=None if kind in labelled else kind)
+            labelled.add(kind)
         ax.set_xlabel("step")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.legend()
@@ -123,19 +173,8 @@ def write_report(paths: RunPaths) -> Path:
     paths.plots.mkdir(parents=True, exist_ok=True)
     lines = [f"# Run report: `{paths.root.name}`", ""]
 
-    stats = _load(paths.clean / "stats.json")
     lines.append("## 1. Clean")
-    if stats:
-        lines += _table(
-            [("documents in", stats.get("docs_in")), ("kept", stats.get("kept")), ("quarantined", stats.get("quarantined"))]
-            + [(f"dropped: {k}", v) for k, v in (stats.get("dropped") or {}).items()]
-        )
-        if _plot_funnel(stats, paths.plots / "filter_funnel.png"):
-            lines += ["![filter funnel](plots/filter_funnel.png)", ""]
-        if _plot_lengths(stats, paths.plots / "doc_lengths.png"):
-            lines += ["![document lengths](plots/doc_lengths.png)", ""]
-    else:
-        lines += ["(not run)", ""]
+    lines += _clean_section(paths)
 
     meta = _load(paths.tokenizer / "meta.json")
     manifest = _load(paths.shards / "manifest.json")
@@ -162,13 +201,15 @@ def write_report(paths: RunPaths) -> Path:
     if summary:
         lines += _table([(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))])
     series = _loss_series(metrics)
-    if _plot_loss(series, paths.plots / "loss.png"):
+    events = read_events(paths.train)
+    if _plot_loss(series, events, paths.plots / "loss.png"):
         lines += ["![loss](plots/loss.png)", ""]
         # What the plot shows, in words: a reader (or a check) sees a missing curve without the image.
         for name, points in series.items():
             last = f", last {points[-1][1]:.4g} at step {points[-1][0]}" if points else ""
             lines.append(f"- {name}: {len(points)} points{last}")
         lines.append("")
+    lines += _timeline(events)
     if not summary and not metrics:
         lines += ["(not run)", ""]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -155,8 +156,10 @@ def test_jsonl_malformed_lines_are_quarantined(tmp_path: Path) -> None:
         b'["a", "list"]\n',
         b'{"text": "no id here"}\n',
     ]
-    path.write_bytes(b"".join(lines))
-    rows = list(read_file(path))
+    path.write_bytes(b"".join(lines) + b"  \t\r\n")
+    skipped = Counter()
+    rows = list(read_file(path, skipped=skipped))
+    assert len(rows) + skipped["blank_lines"] == len(lines) + 1 and skipped["blank_lines"] == 2
     docs = [r for r in rows if r["quarantine"] is None]
     bad = {r["line"]: r["quarantine"] for r in rows if r["quarantine"]}
     assert [d["text"] for d in docs] == ["first doc", "no id here"]
@@ -187,6 +190,13 @@ def test_jsonl_parts_read_exactly_the_whole_file(tmp_path_factory, lines, bom, f
     path.write_bytes(data)
     parts = split_file(path, target)
     assert len(parts) >= 1
+    whole, in_parts = Counter(), Counter()
+    list(read_file(path, skipped=whole))
+    for part in parts:
+        list(read_file(path, part=part, skipped=in_parts))
+    # Blank lines are counted once whichever part holds them; lines in = rows + blank lines.
+    assert in_parts == whole
+    assert len(list(read_file(path))) + whole["blank_lines"] == data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
     if parts != [None]:
         assert parts[0].start == 0 and parts[-1].end == len(data)
         assert all(a.end == b.start for a, b in zip(parts, parts[1:]))

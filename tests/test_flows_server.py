@@ -154,8 +154,10 @@ def test_first_run_completes_every_stage_with_artifacts(prefect_stack, client, t
     assert (run_dir / "export" / "hf").is_dir()
     assert str(run_dir) in arts["e2e-train"].data
     # Tables and links: filter funnel, shard manifest summary, final metrics, run dir, W&B run.
-    funnel = {row["step"]: row["documents"] for row in json.loads(arts["e2e-filter-funnel"].data)}
-    assert funnel["documents in"] == 800 and 0 < funnel["kept"] <= 800, funnel
+    funnel = {row["step"]: row["left"] for row in json.loads(arts["e2e-filter-funnel"].data)}
+    assert list(funnel)[:3] == ["input", "read", "repair"] and list(funnel)[-1] == "kept", funnel
+    assert funnel["input"] == 800 and 0 < funnel["kept"] <= 800, funnel
+    assert "\n- `" in arts["e2e-dropped-examples"].data, arts["e2e-dropped-examples"].data  # one example at least
     manifest = {row["split"]: row for row in json.loads(arts["e2e-shard-manifest"].data)}
     assert manifest["train"]["tokens"] > 0 and manifest["val"]["tokens"] > 0, manifest
     metrics = {row["metric"]: row["value"] for row in json.loads(arts["e2e-final-metrics"].data)}

@@ -49,7 +49,7 @@ def _take(loaders, n):
 
 
 def test_two_rank_exact_resume_mid_epoch_across_epoch_boundary(run_dir):
-    steps_per_epoch = _ranks(run_dir)[0].samples_per_rank // MB
+    steps_per_epoch = _ranks(run_dir)[0].sampler.epoch_length // (2 * MB)
     assert steps_per_epoch >= 4
     total = 2 * steps_per_epoch + 3  # crosses two epoch boundaries
     reference = _take(_ranks(run_dir), total)
@@ -68,20 +68,23 @@ def test_two_rank_exact_resume_mid_epoch_across_epoch_boundary(run_dir):
             for (e1, x1, y1), (e2, x2, y2) in zip(ref, got):
                 assert e1 == e2 and torch.equal(x1, x2) and torch.equal(y1, y2)
 
-    # Within every epoch the two ranks see disjoint samples.
+    # Within every epoch the two ranks see disjoint samples, each the same number.
     loaders = _ranks(run_dir)
     for _ in range(2):
-        orders = [ld._rank_order().tolist() for ld in loaders]
-        assert not set(orders[0]) & set(orders[1]) and len(orders[0]) == len(orders[1])
-        for _ in range(steps_per_epoch + 1):
-            for ld in loaders:
+        seen: list[list[int]] = [[], []]
+        for _ in range(steps_per_epoch):
+            for ld, ids in zip(loaders, seen):
+                ids += ld.sample_indices().tolist()
                 ld.next_batch()
+        assert not set(seen[0]) & set(seen[1]) and len(set(seen[0])) == len(seen[1]) == steps_per_epoch * MB
 
 
-def test_resume_refuses_other_world_size(run_dir):
+def test_resume_on_another_world_size_needs_the_same_global_batch(run_dir):
     state = _ranks(run_dir)[0].state_dict()
-    with pytest.raises(ValueError, match="world_size 2"):
+    with pytest.raises(ValueError, match="global batch of 8 samples = 4 x 1 x 2 ranks; this run's is 4 samples"):
         ShardDataset(run_dir / "shards", "train", BLOCK, MB, world_size=1).load_state_dict(state)
+    one = ShardDataset(run_dir / "shards", "train", BLOCK, MB, world_size=1, grad_accum_steps=2)
+    one.load_state_dict(state)  # tests/test_global_cursor.py: it then reads what the two ranks would have
 
 
 def test_split_is_stable_when_the_corpus_grows():
@@ -205,4 +208,4 @@ def test_build_train_loader_from_config(two_sources, run_dir):
     mix = build_train_loader(cfg, RunPaths(run_dir), rank=0, world_size=2, verify=True)
     assert isinstance(mix, MixtureDataset) and mix.weights == {books: 1 / 3, web: 2 / 3}
     mix.next_batch()
-    assert sum(mix.counts.values()) == 1
+    assert sum(mix.counts.values()) == 2 * MB  # samples both ranks read in the micro-step

@@ -215,8 +215,12 @@ def test_loader_deterministic_disjoint_and_resumable(run_dir):
     assert not torch.equal(make(seed=6).next_batch()[0], make(seed=5).next_batch()[0])
 
     ranks = [make(r, 3) for r in range(3)]
-    seen = [set(r._rank_order().tolist()) for r in ranks]
-    assert all(len(s) == ranks[0].samples_per_rank for s in seen)
+    seen: list[set[int]] = [set(), set(), set()]
+    for _ in range(ranks[0].sampler.epoch_length // 12):  # one epoch of micro-steps of 4 x 3 ranks
+        for r, s in zip(ranks, seen):
+            s.update(r.sample_indices().tolist())
+            r.next_batch()
+    assert all(len(s) == ranks[0].sampler.epoch_length // 3 for s in seen)
     assert not (seen[0] & seen[1]) and not (seen[1] & seen[2]) and not (seen[0] & seen[2])
 
     # Resume mid-epoch and across an epoch boundary.
@@ -231,16 +235,16 @@ def test_loader_deterministic_disjoint_and_resumable(run_dir):
         got = [resumed.next_batch()[0] for _ in range(len(expected))]
         assert all(torch.equal(e, g) for e, g in zip(expected, got))
     assert first.epoch >= 1  # the walk did cross an epoch
-    with pytest.raises(ValueError, match="world_size"):
+    with pytest.raises(ValueError, match="global batch of 8 samples"):
         make(0, 3).load_state_dict(state)
 
 
 def test_epochs_reshuffle(run_dir):
     ds = ShardDataset(run_dir / "shards", "train", 16, 4, seed=0, verify=False)
-    e0 = ds._rank_order().copy()
+    e0 = ds.sampler.permutation(0).copy()
     for _ in range(ds.samples_per_rank // 4 + 1):
         ds.next_batch()
-    assert ds.epoch == 1 and not np.array_equal(ds._rank_order(), e0)
+    assert ds.epoch == 1 and not np.array_equal(ds.sampler.permutation(1), e0)
 
 
 def test_too_little_data_is_refused(run_dir):
@@ -368,15 +372,14 @@ def test_deepspeed_config_zero3_host_work():
     assert get_z3_leaf_modules(model) == list(model.transformer.h)
 
 
-def test_resume_refusal_names_the_stage_and_ranks_that_wrote_the_checkpoint(tmp_path):
+def test_a_checkpoint_of_another_stage_or_ranks_needs_conversion(tmp_path):
     from pretrain.checkpoint import zero_stages_of
-    from pretrain.trainer import resume_refusal
+    from pretrain.reshard import needs_conversion
 
     recorded = {"zero_stage": 1, "world_size": 2, "rng": [{}, {}]}
-    assert resume_refusal(recorded, 1, 2) is None
-    assert resume_refusal(recorded, 1, 4) == "was written by 2 rank(s) running ZeRO-1"
-    assert resume_refusal(recorded, 0, 2) == "was written by 2 rank(s) running ZeRO-1"
-    assert resume_refusal({"zero_stage": 0, "world_size": 1}, 0, 2) is None  # ZeRO-0 state is whole
+    assert not needs_conversion(recorded, 1, 2)
+    assert needs_conversion(recorded, 1, 4) and needs_conversion(recorded, 0, 2) and needs_conversion(recorded, 3, 2)
+    assert not needs_conversion({"zero_stage": 0, "world_size": 1}, 0, 2)  # ZeRO-0 state is whole
     # Older checkpoints: the stage is read off the files, the world size off the per-rank RNG states.
     layouts = {
         "zero0": (["mp_rank_00_model_states.pt"], [0]),
@@ -389,9 +392,9 @@ def test_resume_refusal_names_the_stage_and_ranks_that_wrote_the_checkpoint(tmp_
             (tmp_path / name / f).write_bytes(b"")
         assert zero_stages_of(tmp_path / name) == stages
     legacy = {"rng": [{}], "zero_stages_from_files": [1, 2]}
-    assert resume_refusal(legacy, 1, 1) is None and resume_refusal(legacy, 2, 1) is None
-    assert resume_refusal(legacy, 0, 1) == "was written by 1 rank(s) running ZeRO-1/2"
-    assert resume_refusal({"rng": [{}]}, 0, 1) is None  # nothing known: DeepSpeed decides
+    assert not needs_conversion(legacy, 1, 1) and not needs_conversion(legacy, 2, 1)  # one layout
+    assert needs_conversion(legacy, 0, 1) and needs_conversion(legacy, 1, 2)
+    assert not needs_conversion({"rng": [{}]}, 0, 1)  # nothing known: DeepSpeed decides
 
 
 def test_loss_faults_corrupt_only_the_micro_batches_rank_0_is_told_to(monkeypatch):

@@ -5,6 +5,7 @@
     .venv/bin/python bench/clean/run.py --mode minhash --docs 8000 --cores 2
     .venv/bin/python bench/clean/run.py --mode scale   --docs 4000 --cores 2   # 1x vs 4x corpus
     .venv/bin/python bench/clean/run.py --mode split   --docs 8000 --cores 2   # one big file: 1 task vs parts
+    .venv/bin/python bench/clean/run.py --mode onefile --docs 60000 --cores 2  # one .jsonl.gz: 1 task vs streamed
 
 Same corpus (stdlib docstrings, replicated with small edits into ``--files`` jsonl files), same
 cores, same steps with the same thresholds on both sides:
@@ -110,6 +111,7 @@ def data_config(corpus: Path, mode: str, repair: bool) -> dict:
         "gopher_repetition": {"enabled": filters},
         "c4": {"enabled": filters},
         "fineweb": {"enabled": filters},
+        "boilerplate": {"enabled": False},  # datatrove has none; bench/clean/boilerplate.py prices it
         "pii": {"entities": []},
         "exact_dedup": False,
         "minhash_dedup": not filters,
@@ -161,20 +163,14 @@ def _canonical_minhash_drops(remove_dir: Path, ids: list[list[str]]) -> set[str]
     return out
 
 
-def run_datatrove(corpus: Path, work: Path, cores: int, mode: str, repair: bool, name: str) -> tuple[float, dict]:
-    from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.formatters import FTFYFormatter
-    from datatrove.pipeline.formatters.base import BaseFormatter
-    from datatrove.pipeline.readers import JsonlReader
-    from datatrove.pipeline.writers import JsonlWriter
+def regex_word_tokenizer():
+    """A datatrove word tokenizer with whitespace words and regex sentences: what this project's
+    filters use (datatrove's English tokenizer needs spaCy)."""
     from datatrove.utils.word_tokenizers import WordTokenizer
 
     from data_prep.filters.c4 import SENTENCE_PATTERN
-    from pretrain_pipeline.config import DataConfig
 
     class Whitespace(WordTokenizer):
-        """Whitespace words, regex sentences: what this project's filters use."""
-
         def word_tokenize(self, text: str) -> list[str]:
             return text.split()
 
@@ -183,6 +179,18 @@ def run_datatrove(corpus: Path, work: Path, cores: int, mode: str, repair: bool,
 
         def span_tokenize(self, text: str) -> list[tuple[int, int]]:
             return [m.span() for m in SENTENCE_PATTERN.finditer(text)]
+
+    return Whitespace()
+
+
+def run_datatrove(corpus: Path, work: Path, cores: int, mode: str, repair: bool, name: str) -> tuple[float, dict]:
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.formatters import FTFYFormatter
+    from datatrove.pipeline.formatters.base import BaseFormatter
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    from pretrain_pipeline.config import DataConfig
 
     class WhitespaceFormatter(BaseFormatter):
         """This project's whitespace normalisation, as a datatrove formatter."""
@@ -196,7 +204,7 @@ def run_datatrove(corpus: Path, work: Path, cores: int, mode: str, repair: bool,
 
     cfg = DataConfig(**data_config(corpus, mode, repair))
     rep, quality, c4, fw = cfg.gopher_repetition, cfg.gopher_quality, cfg.c4, cfg.fineweb
-    tok = Whitespace()
+    tok = regex_word_tokenizer()
     n_files = len(list(corpus.glob("*.jsonl")))
     reader = JsonlReader(str(corpus), glob_pattern="*.jsonl")
     repair_steps = [FTFYFormatter(normalization="NFC", fix_line_breaks=True), WhitespaceFormatter()] if repair else []
@@ -334,9 +342,61 @@ def split(args, tmp: Path) -> None:
           f"{2 * args.cores} parts median {mp:.2f}s, speed-up x{mw / mp:.2f}  (medians of {args.repeats})")
 
 
+def _cpu_by_process() -> dict[int, float]:
+    """CPU seconds so far of this process and of each descendant (the Ray workers), by pid."""
+    seconds = {}
+    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+            seconds[p.pid] = times.user + times.system
+        except psutil.Error:
+            pass
+    return seconds
+
+
+def _spread(before: dict[int, float], after: dict[int, float]) -> tuple[float, int]:
+    """(CPU seconds used, processes that each did at least a fifth of it): how many cores had work,
+    whatever else the machine was running at the time."""
+    used = {pid: t - before.get(pid, 0.0) for pid, t in after.items()}
+    total = sum(used.values())
+    return total, sum(1 for t in used.values() if t >= 0.2 * total)
+
+
+def onefile(args, tmp: Path) -> None:
+    """The filters mode's corpus as one .jsonl.gz: one task for the whole file (``clean_batch_mb: 0``,
+    the only way before streaming) vs the driver reading it once and its line batches cleaned on
+    every core. Besides the wall time it prints how many processes did at least a fifth of the
+    CPU work (the driver and the Ray workers): on a shared machine that, not the time, shows
+    whether both cores had work."""
+    corpus = make_corpus(tmp / "corpus", args.docs, 1)
+    plain = next(corpus.glob("*.jsonl"))
+    packed = plain.with_name(plain.name + ".gz")
+    packed.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=6))
+    raw_mb, gz_mb = plain.stat().st_size / 2**20, packed.stat().st_size / 2**20
+    plain.unlink()
+    sides = {"one task": {"clean_batch_mb": 0}, "streamed": {}}
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    workers: dict[str, list[int]] = {k: [] for k in sides}
+    for i in range(args.repeats + 1):  # the first round warms up
+        for side, data in sides.items():
+            cpu = _cpu_by_process()
+            t, _ = run_ours(corpus, tmp / "runs", args.cores, "filters", True, f"{side.replace(' ', '')}{i}", **data)
+            if i:
+                used, busy = _spread(cpu, _cpu_by_process())
+                times[side].append(t)
+                workers[side].append(busy)
+                print(f"  {side}: {t:.2f}s wall, {used:.1f} CPU s ({used / t:.2f} cores on average), "
+                      f"{busy} processes with >= 1/5 of it", flush=True)
+    t1, ts = statistics.median(times["one task"]), statistics.median(times["streamed"])
+    print(f"onefile: one .jsonl.gz of {gz_mb:.1f} MiB ({raw_mb:.1f} MiB of jsonl), {args.docs} docs, {args.cores} cores: "
+          f"one task median {t1:.2f}s ({min(workers['one task'])}-{max(workers['one task'])} busy processes), "
+          f"streamed median {ts:.2f}s ({min(workers['streamed'])}-{max(workers['streamed'])} busy processes), "
+          f"speed-up x{t1 / ts:.2f}  (medians of {args.repeats})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=["filters", "minhash", "scale", "split"], default="filters")
+    ap.add_argument("--mode", choices=["filters", "minhash", "scale", "split", "onefile"], default="filters")
     ap.add_argument("--docs", type=int, default=8000)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--cores", type=int, default=2)
@@ -351,8 +411,8 @@ def main() -> None:
 
     try:
         with ray_session(RuntimeConfig(num_cpus=args.cores)):
-            if args.mode in ("scale", "split"):
-                {"scale": scale, "split": split}[args.mode](args, tmp)
+            if args.mode in ("scale", "split", "onefile"):
+                {"scale": scale, "split": split, "onefile": onefile}[args.mode](args, tmp)
                 return
             _quiet_datatrove()
             for repair in {"off": [False], "on": [True], "both": [False, True]}[args.repair]:

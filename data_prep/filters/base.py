@@ -2,7 +2,8 @@
 :class:`Filter` protocol.
 
 A filter is called as ``f(text, stats)`` and returns None to keep a document or the drop reason
-``"<filter name>:<why>"``; subclasses implement ``check``, which returns only the ``<why>``.
+``"<filter name>:<why>"``; subclasses implement ``check``, which returns only the ``<why>``, as a
+plain string or as a :class:`Drop` that also carries the measured value (the filter's score).
 """
 
 from __future__ import annotations
@@ -83,14 +84,26 @@ class DocStats:
         return ids, counts
 
 
+class Drop(str):
+    """A drop reason that carries the filter's score: the measured value that crossed its
+    threshold (a ratio, a count), kept next to the document in ``dropped.parquet`` for tuning."""
+
+    score: float | None
+
+    def __new__(cls, why: str, score: float | None = None) -> "Drop":
+        reason = super().__new__(cls, why)
+        reason.score = None if score is None else float(score)
+        return reason
+
+
 class Filter:
     """Keeps or drops one document; ``name`` prefixes its drop reasons and names its config section."""
 
     name = "filter"
 
-    def __call__(self, text: str, stats: DocStats) -> str | None:
+    def __call__(self, text: str, stats: DocStats) -> Drop | None:
         reason = self.check(text, stats)
-        return None if reason is None else f"{self.name}:{reason}"
+        return None if reason is None else Drop(f"{self.name}:{reason}", getattr(reason, "score", None))
 
     def check(self, text: str, stats: DocStats) -> str | None:  # pragma: no cover - abstract
         raise NotImplementedError

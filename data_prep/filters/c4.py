@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from data_prep.filters.base import DocStats, LineFilter
+from data_prep.filters.base import DocStats, Drop, LineFilter
 
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 # Sentences within a kept line: text up to a run of . ! ? followed by whitespace or the end; a
@@ -71,11 +71,11 @@ class C4Quality(LineFilter):
 
     def check(self, text: str, stats: DocStats) -> str | None:
         if not text.strip():
-            return "too_few_sentences" if self.min_sentences else "no_lines_left"
+            return Drop("too_few_sentences", 0) if self.min_sentences else "no_lines_left"
         if self.drop_lorem_ipsum and "lorem ipsum" in text.lower():
             return "lorem_ipsum"
         if self.drop_curly_bracket and "{" in text:
             return "curly_bracket"
-        if self.min_sentences and sum(_count_sentences(line) for line in text.split("\n") if line) < self.min_sentences:
-            return "too_few_sentences"
+        if self.min_sentences and (n := sum(_count_sentences(line) for line in text.split("\n") if line)) < self.min_sentences:
+            return Drop("too_few_sentences", n)
         return None

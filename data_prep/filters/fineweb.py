@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import regex
 
-from data_prep.filters.base import DocStats, Filter, count_duplicates
+from data_prep.filters.base import DocStats, Drop, Filter, count_duplicates
 
 # Lines "end a sentence" if their last character is a Unicode Sentence_Terminal (. ! ? 。 ...),
 # as datatrove's TERMINAL_PUNCTUATION.
@@ -35,12 +35,12 @@ class FineWebQuality(Filter):
         lines = [line for line in text.split("\n") if line.strip()]
         if not lines:
             return "empty"
-        if sum(1 for line in lines if _ends_sentence(line)) / len(lines) < self.line_punct_ratio:
-            return "line_punct_ratio"
-        if sum(1 for line in lines if len(line) <= self.short_line_chars) / len(lines) > self.short_line_ratio:
-            return "short_line_ratio"
-        if count_duplicates(lines)[1] / max(1, len(text) - text.count("\n")) > self.char_duplicates_ratio:
-            return "char_dup_ratio"
-        if text.count("\n") / max(1, stats.n_words) > self.new_line_ratio:
-            return "list_ratio"
+        if (ratio := sum(1 for line in lines if _ends_sentence(line)) / len(lines)) < self.line_punct_ratio:
+            return Drop("line_punct_ratio", ratio)
+        if (ratio := sum(1 for line in lines if len(line) <= self.short_line_chars) / len(lines)) > self.short_line_ratio:
+            return Drop("short_line_ratio", ratio)
+        if (ratio := count_duplicates(lines)[1] / max(1, len(text) - text.count("\n"))) > self.char_duplicates_ratio:
+            return Drop("char_dup_ratio", ratio)
+        if (ratio := text.count("\n") / max(1, stats.n_words)) > self.new_line_ratio:
+            return Drop("list_ratio", ratio)
         return None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import regex
 
-from data_prep.filters.base import DocStats, Filter
+from data_prep.filters.base import DocStats, Drop, Filter
 
 # Punctuation in Unicode's sense (general category P*) plus the ASCII punctuation and symbols:
 # a "word" made only of these is a symbol, not a word (Gopher's word counts skip it).
@@ -51,37 +51,37 @@ class GopherQuality(Filter):
     def check(self, text: str, stats: DocStats) -> str | None:
         n = stats.n_words
         if n == 0:
-            return "too_few_words"
+            return Drop("too_few_words", 0)
         # Tokens made only of punctuation ("-", "—", "...") are not words for length and size.
         symbols = _SYMBOL_WORD.findall(text)
         n_real = n - len(symbols)
         if n_real < self.min_words:
-            return "too_few_words"
+            return Drop("too_few_words", n_real)
         if n_real > self.max_words:
-            return "too_many_words"
+            return Drop("too_many_words", n_real)
         mean_len = (stats.word_chars - sum(map(len, symbols))) / n_real if n_real else float("nan")
         if mean_len < self.min_mean_word_length:
-            return "short_mean_word_length"
+            return Drop("short_mean_word_length", mean_len)
         if mean_len > self.max_mean_word_length:
-            return "long_mean_word_length"
-        if text.count("#") / n > self.max_symbol_to_word_ratio:
-            return "symbol_ratio"
-        if (text.count("...") + text.count("…")) / n > self.max_symbol_to_word_ratio:
-            return "symbol_ratio"
+            return Drop("long_mean_word_length", mean_len)
+        if (ratio := text.count("#") / n) > self.max_symbol_to_word_ratio:
+            return Drop("symbol_ratio", ratio)
+        if (ratio := (text.count("...") + text.count("…")) / n) > self.max_symbol_to_word_ratio:
+            return Drop("symbol_ratio", ratio)
         lines = text.splitlines() or [""]
-        if sum(1 for line in lines if line.lstrip().startswith(_BULLETS)) / len(lines) > self.max_bullet_lines_ratio:
-            return "bullet_lines"
-        if sum(1 for line in lines if line.rstrip().endswith(_ELLIPSES)) / len(lines) > self.max_ellipsis_lines_ratio:
-            return "ellipsis_lines"
+        if (ratio := sum(1 for line in lines if line.lstrip().startswith(_BULLETS)) / len(lines)) > self.max_bullet_lines_ratio:
+            return Drop("bullet_lines", ratio)
+        if (ratio := sum(1 for line in lines if line.rstrip().endswith(_ELLIPSES)) / len(lines)) > self.max_ellipsis_lines_ratio:
+            return Drop("ellipsis_lines", ratio)
         # Per distinct word, weighted by its count: a word "is alphabetic" if it holds a letter.
         counts = stats.word_counts
         alpha = sum(int(counts[i]) for w, i in stats.vocab.items() if _has_letter(w))
         if alpha / n < self.min_alpha_word_fraction:
-            return "low_alpha_fraction"
+            return Drop("low_alpha_fraction", alpha / n)
         # Occurrences of stop words, any case (datatrove counts distinct ones, case-sensitive;
         # on documents of Gopher's 50-word minimum the two practically never disagree).
-        if self.min_stop_words and _stop_words(stats) < self.min_stop_words:
-            return "few_stop_words"
+        if self.min_stop_words and (stop := _stop_words(stats)) < self.min_stop_words:
+            return Drop("few_stop_words", stop)
         return None
 
 

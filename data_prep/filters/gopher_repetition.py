@@ -14,7 +14,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from data_prep.filters.base import DocStats, Filter, count_duplicates
+from data_prep.filters.base import DocStats, Drop, Filter, count_duplicates
 
 # Below this many words the n-gram rules count word tuples in plain Python: numpy's fixed cost
 # per call is then larger than the work.
@@ -111,23 +111,23 @@ class GopherRepetition(Filter):
         paragraphs = _PARAGRAPHS.split(text.strip())
         n_dup, chars = count_duplicates(paragraphs)
         if n_dup / len(paragraphs) > self.dup_para_frac:
-            return "duplicate_paragraphs"
+            return Drop("duplicate_paragraphs", n_dup / len(paragraphs))
         if chars / len(text) > self.dup_para_char_frac:
-            return "duplicate_paragraph_chars"
+            return Drop("duplicate_paragraph_chars", chars / len(text))
         lines = _LINES.split(text)
         n_dup, chars = count_duplicates(lines)
         if n_dup / len(lines) > self.dup_line_frac:
-            return "duplicate_lines"
+            return Drop("duplicate_lines", n_dup / len(lines))
         if chars / len(text) > self.dup_line_char_frac:
-            return "duplicate_line_chars"
+            return Drop("duplicate_line_chars", chars / len(text))
         for n, frac in self._top:
             top = _top_ngram_chars(stats, n)
             if top is not None and top / len(text) > frac:
-                return f"top_{n}_gram"
+                return Drop(f"top_{n}_gram", top / len(text))
         for n, frac in self._dup:
             chars = _duplicate_ngram_chars(stats, n)
             if chars / len(text) > frac:
-                return f"duplicated_{n}_grams"
+                return Drop(f"duplicated_{n}_grams", chars / len(text))
             if chars == 0:
                 break  # no repeated n-gram means no repeated longer one either (n only grows)
         return None

@@ -1,6 +1,6 @@
 """Property tests: whatever bytes, text or value types arrive, the readers and the cleaning steps
 never raise, and every record is accounted for by count: records in = kept + dropped (by reason)
-+ quarantined, in every input format."""
++ quarantined (+ blank lines, for the line formats), in every input format."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_prep.cleaner import clean_batch
-from data_prep.readers import read_file
+from data_prep.readers import BLANK_LINES, read_file
 from pretrain_pipeline.config import DataConfig
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -62,8 +62,13 @@ texts = st.one_of(
 )
 
 
-def _rows(path: Path) -> list[dict]:
-    return list(read_file(path))
+def _rows(path: Path, skipped: Counter | None = None) -> list[dict]:
+    return list(read_file(path, skipped=skipped))
+
+
+def _line_count(data: bytes) -> int:
+    """Lines as a reader sees them: a final newline ends the last line rather than starting one."""
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 
 
 def _write(suffix: str, data: bytes) -> Path:
@@ -88,9 +93,11 @@ def _write_parquet(columns: dict[str, pa.Array], row_group_size: int = 3) -> Pat
     return path
 
 
-def _account(rows: list[dict], records_in: int, cfg: DataConfig | None = None) -> Counter:
-    """Clean the reader rows as the clean stage does and check in = kept + dropped + quarantined."""
-    assert len(rows) == records_in, "one row per record"
+def _account(rows: list[dict], records_in: int, cfg: DataConfig | None = None, skipped: Counter | None = None) -> Counter:
+    """Clean the reader rows as the clean stage does and check in = kept + dropped + quarantined
+    + blank lines (``records_in`` counts lines for jsonl, rows for Parquet, files for .txt)."""
+    blank = (skipped or Counter())[BLANK_LINES]
+    assert len(rows) + blank == records_in, "one row per record, every other line blank"
     assert len({r["line"] for r in rows}) == len(rows), "no record read twice"
     for row in rows:
         assert row["line"] >= 0 and (row["quarantine"] is None or isinstance(row["quarantine"], str))
@@ -102,7 +109,7 @@ def _account(rows: list[dict], records_in: int, cfg: DataConfig | None = None) -
     for q, reason, text in zip(out["quarantine"], out["drop_reason"], out["text"]):
         assert isinstance(text, str)
         fate["quarantined" if q else f"dropped:{reason}" if reason else "kept"] += 1
-    assert sum(fate.values()) == records_in
+    assert sum(fate.values()) + blank == records_in
     return fate
 
 
@@ -115,15 +122,17 @@ def _valid(text) -> bool:
 
 @FAST
 @given(jsonl_lines, st.sampled_from([b"\n", b"\r\n"]), st.booleans(), st.sampled_from([".jsonl", ".ndjson"]))
-def test_jsonl_every_nonblank_line_is_one_row(lines, eol, bom, suffix):
+def test_jsonl_every_line_is_one_row_or_one_counted_blank_line(lines, eol, bom, suffix):
     data = (b"\xef\xbb\xbf" if bom else b"") + eol.join(lines)
     path = _write(suffix, data)
-    rows = _rows(path)
+    skipped = Counter()
+    rows = _rows(path, skipped)
     # A BOM opening the file is an encoding mark, not content (the reader drops it).
     body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
     nonblank = [line for line in body.split(b"\n") if line.strip()]
     assert all(row["source"] == str(path) and row["line"] >= 1 for row in rows)
-    _account(rows, len(nonblank))
+    assert len(rows) == len(nonblank)
+    _account(rows, _line_count(data), skipped=skipped)
 
 
 @FAST
@@ -239,9 +248,21 @@ def test_every_document_is_accounted_for_in_every_format(docs):
     for suffix, rows in read.items():
         assert len(rows) == len(docs) and [[r[k] for k in fields] for r in rows] == first, suffix
     _account(read[".jsonl"], len(docs))
-    # .txt: one document per file (a file that is not UTF-8 is one quarantine row).
-    for text in docs[:2]:
-        _account(_rows(_write(".txt", text.encode("utf-8", "surrogatepass"))), 1)
+    # Blank and whitespace-only lines between the documents: counted, and nothing else changes.
+    spaced = [blank for line in lines for blank in (line, b"", b" \t ", b"\r")]
+    for suffix in JSONL_KINDS:
+        skipped = Counter()
+        rows = _rows(_write_jsonl(suffix, spaced), skipped)
+        assert [[r["id"], r["text"]] for r in rows] == [[r["id"], r["text"]] for r in read[".jsonl"]], suffix
+        assert skipped[BLANK_LINES] == 3 * len(docs)
+        _account(rows, len(spaced), skipped=skipped)
+    # .txt: one document per file (a file that is not UTF-8 is one quarantine row); a Parquet
+    # row or a .txt file is a record whatever its text, a blank one included.
+    for text in [*docs[:2], " \n\t"]:
+        skipped = Counter()
+        _account(_rows(_write(".txt", text.encode("utf-8", "surrogatepass")), skipped), 1, skipped=skipped)
+    skipped = Counter()
+    _account(_rows(_write_parquet({"text": ["", "  ", *docs]}), skipped), len(docs) + 2, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------- filters
