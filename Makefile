@@ -21,11 +21,12 @@ export TORCH_EXTENSIONS_DIR ?= $(PRETRAIN_PIPELINE_STATE)/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 export DO_NOT_TRACK = 1
 
-.PHONY: setup smoke test test-fast pretrain run server deploy lock clean-runs help bench-setup bench-clean browser bench-tokenize bench-train soak
+.PHONY: setup smoke test test-fast test-gpu pretrain run server deploy lock clean-runs help bench-setup bench-clean browser bench-tokenize bench-train soak
 
 help:
 	@echo "make smoke     whole pipeline on CPU on a bundled sample corpus (runs/smoke/)"
 	@echo "make test      the test suite (unit + integration with real Ray/DeepSpeed/Prefect)"
+	@echo "make test-gpu  the CUDA path on this machine's GPU (bf16, NCCL, flash attention, ZeRO-1/3 resume, export)"
 	@echo "make pretrain  the whole pipeline with configs/gpt2-124m.yaml (GPU cluster)"
 	@echo "make run CONFIG=configs/x.yaml ARGS='--set train.max_steps=10'"
 	@echo "make server    a local Prefect server on 127.0.0.1:4200 (UI), database under .state/"
@@ -62,19 +63,26 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
+# The CUDA path on this machine's GPU (tests/test_gpu.py; they skip without CUDA).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
 # The fault-injection suite at length (not part of `make test`): each kill test makes
-# SOAK_ROUNDS kills at points drawn from each of SOAK_SEEDS; the data-stage kill test runs once per seed.
+# SOAK_ROUNDS kills at points drawn from each of SOAK_SEEDS (training ranks killed and resumed on
+# another cluster shape included), the spike test SOAK_ROUNDS spikes; the data-stage kill test runs once per seed.
 SOAK_ROUNDS ?= 5
 SOAK_SEEDS  ?= 1 2 3
 soak: $(STAMP)
 	@set -e; for seed in $(SOAK_SEEDS); do \
 	  echo "== soak: fault seed $$seed, $(SOAK_ROUNDS) rounds"; \
 	  PRETRAIN_PIPELINE_FAULT_SEED=$$seed PRETRAIN_SOAK_ROUNDS=$(SOAK_ROUNDS) \
-	    $(BIN)/python -m pytest -x -q tests/reliability tests/test_train_resume.py tests/test_train_heal.py $(PYTEST_ARGS); \
+	    $(BIN)/python -m pytest -x -q tests/reliability tests/test_train_resume.py tests/test_train_heal.py \
+	      tests/test_train_reshard_resume.py $(PYTEST_ARGS); \
 	done
 
+# No telemetry: it would try the network at start and log an error where there is none.
 server: $(STAMP)
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
 # Serve the deployments (needs `make server` running); the UI's Run button then starts them here.
 deploy: $(STAMP)
@@ -94,8 +102,7 @@ bench-clean: bench-setup
 
 # Two sizes: Ray Data's fixed start-up cost (~1.5 s) weighs on 32 MiB and is amortised at 128 MiB.
 bench-tokenize: $(STAMP)
-	$(BIN)/python bench/tokenize/run.py --mb 32 --cores 2
-	$(BIN)/python bench/tokenize/run.py --mb 128 --cores 2 --repeat 2
+	$(BIN)/python bench/tokenize/run.py --cores 2 $(ARGS)
 
 # Our trainer (launch_training: ZeRO-1/3, 1 and 2 ranks) vs a plain PyTorch loop, and ZeRO 0-3 memory per rank.
 bench-train: $(STAMP)

@@ -20,20 +20,29 @@ from pretrain_pipeline.config import PipelineConfig
 log = logging.getLogger(__name__)
 
 
-def _task_manager(names: list[str], include_path: str | None):
-    """lm-eval's TaskManager: only the local task directory when it defines every name (indexing
-    lm-eval's own thousands of task YAMLs takes seconds), else that directory over lm-eval's tasks."""
+def resolve_tasks(names: list[str], include_path: str | None):
+    """lm-eval's TaskManager and the names it does not know: only the local task directory when it
+    defines every name (indexing lm-eval's own thousands of task YAMLs takes seconds), else that
+    directory over lm-eval's tasks. Nothing is downloaded (the preflight calls this too)."""
     from lm_eval.tasks import TaskManager
 
     if include_path:
         local = TaskManager(include_path=include_path, include_defaults=False)
         if all(name in local.all_tasks for name in names):
-            return local
+            return local, []
     manager = TaskManager(include_path=include_path)
-    unknown = [name for name in names if name not in manager.all_tasks]
+    return manager, [name for name in names if name not in manager.all_tasks]
+
+
+def unknown_tasks_message(unknown: list[str], include_path: str | None) -> str:
+    where = f"eval.lm_eval_include_path ({include_path}) nor " if include_path else ""
+    return f"{unknown} are in neither {where}lm-eval's own tasks"
+
+
+def _task_manager(names: list[str], include_path: str | None):
+    manager, unknown = resolve_tasks(names, include_path)
     if unknown:
-        where = f"eval.lm_eval_include_path ({include_path}) nor " if include_path else ""
-        raise ValueError(f"data.decontaminate.tasks: {unknown} are in neither {where}lm-eval's own tasks")
+        raise ValueError(f"data.decontaminate.tasks: {unknown_tasks_message(unknown, include_path)}")
     return manager
 
 

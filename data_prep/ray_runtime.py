@@ -239,6 +239,82 @@ class LocalRunner(UnitRunner):
         return handle()
 
 
+class ProcessPoolRunner(UnitRunner):
+    """Runs each unit in a pool of ``cpus`` processes on this machine, without Ray.
+
+    The workers are forked from a forkserver that imported ``preload`` and the main module once
+    (so, as with any start method but fork, a script must guard its entry point with
+    ``if __name__ == "__main__"``); not forked from the caller, which may hold threads. They start
+    in a background thread as soon as the runner is made (the forkserver's imports would otherwise
+    hold up the caller), so they are ready before the first unit comes. A worker that dies fails
+    the map (no retry, unlike Ray). Close it with ``shutdown()`` (``process_pool_runner`` does).
+    """
+
+    def __init__(self, cpus: int, preload: tuple[str, ...] = ()) -> None:
+        import multiprocessing
+        import threading
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["__main__", *preload])  # else each worker imports __main__ again
+        self._cpus = cpus
+        self.pool = ProcessPoolExecutor(cpus, mp_context=context, initializer=_exit_when_gone, initargs=(os.getpid(),))
+        # Each submit that finds no idle worker starts one; submit is thread-safe.
+        self._starting = threading.Thread(target=lambda: [self.pool.submit(int) for _ in range(cpus)], daemon=True)
+        self._starting.start()
+
+    def cpus(self) -> int:
+        return self._cpus
+
+    def _starter(self, fn: Callable[..., Any], shared: tuple) -> Callable[[Any], Any]:
+        return lambda unit: self.pool.submit(fn, unit, *shared)
+
+    def _first_done(self, handles: list[Any]) -> Any:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(handles, return_when=FIRST_COMPLETED)
+        return next(h for h in handles if h in done)
+
+    def _result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def _cancel(self, handle: Any) -> None:
+        handle.cancel()
+
+    def shutdown(self) -> None:
+        self._starting.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _exit_when_gone(pid: int) -> None:
+    """Pool worker initializer: end this worker once process ``pid`` (the pool's maker) is gone.
+
+    A killed maker never shuts its pool down, and a forkserver's workers are neither its children
+    nor told: they would wait on their queue forever (and keep the forkserver alive).
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def process_pool_runner(cpus: int, preload: tuple[str, ...] = ()) -> Iterator[ProcessPoolRunner]:
+    runner = ProcessPoolRunner(cpus, preload)
+    try:
+        yield runner
+    finally:
+        runner.shutdown()
+
+
 class RayRunner(UnitRunner):
     """Runs each unit as a plain Ray task holding one CPU, wherever the session's cluster has one.
 

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from pretrain_pipeline.errors import MissingInput
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 SUFFIXES = (*JSONL_SUFFIXES, ".parquet", ".txt")
 EXCERPT_CHARS = 200
@@ -58,7 +60,7 @@ def expand_inputs(patterns: Iterable[str | Path]) -> list[Path]:
         else:
             matches = [Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file() and _supported(Path(p))]
         if not matches:
-            raise FileNotFoundError(f"input {pattern!r} matches no {'/'.join(SUFFIXES)} file")
+            raise MissingInput(f"input {pattern!r} matches no {'/'.join(SUFFIXES)} file")
         found.update(p.resolve() for p in matches)
     return sorted(found)
 

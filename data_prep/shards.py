@@ -1,12 +1,14 @@
-"""Shard stage: clean corpus -> token ids (Ray tasks, one SentencePiece per worker) -> Arrow shards.
+"""Shard stage: clean corpus -> token ids (tasks, one SentencePiece per worker) -> Arrow shards.
 
-Each task reads a run of row groups of the clean Parquet parts and encodes them; the driver takes
-the results in clean order (at most two tasks per CPU ahead of it) and writes the shards. Plain
-Ray tasks, not a Ray Data ``map_batches``: the work is already cut by the Parquet footers and the
+Each task reads a run of row groups of the clean Parquet parts and encodes them; a document too
+big for one task is cut at newlines into pieces encoded by several tasks and joined back. The
+driver takes the results in clean order (at most two tasks per CPU ahead of it) and writes the
+shards. The tasks run through a ``data_prep.ray_runtime`` runner (``encode_runner`` picks it): a
+process pool on this machine for a local corpus under ``LOCAL_POOL_MAX_BYTES`` (no Ray start-up),
+else plain Ray tasks wherever the cluster has CPUs; ``LocalRunner`` runs them in process (tests).
+Plain tasks, not a Ray Data ``map_batches``: the work is already cut by the Parquet footers and the
 results must come back in order, so Ray Data would add only its executor's start-up and background
 threads that can outlive ``ray.shutdown()`` after a failed write and end the driver process.
-The tasks run through a ``data_prep.ray_runtime`` runner: wherever the Ray cluster has CPUs, or in
-process under ``LocalRunner`` (tests).
 
 Each document becomes its token ids followed by ``</s>`` (id 2). A document goes to ``val`` when
 ``sha256(f"{seed}:{id}")`` read as a fraction of 2**64 is below ``val_fraction``, so the split does
@@ -31,7 +33,9 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -41,8 +45,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data_prep.ray_runtime import UnitRunner, ray_runner
-from data_prep.tokenizer import EOS_ID, MODEL_FILE, clean_parts, clean_stage_fingerprint
+from data_prep.ray_runtime import UnitRunner, process_pool_runner, ray_runner
+from data_prep.tokenizer import EOS_ID, MODEL_FILE, _cpu_count, clean_parts, clean_stage_fingerprint
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, naming_file, read_json, sha256_file
 from pretrain_pipeline.config import PipelineConfig
 from pretrain_pipeline.stage import PARTIAL_FINGERPRINT, Stage, completed_record
@@ -58,10 +62,15 @@ PROGRESS_DIR = ".done"  # per-shard completion records inside the work directory
 # would beat a same-threads baseline only by taking CPU from whatever else shares the node).
 ENCODE_THREADS = 1
 MAX_TASK_BYTES = 64 << 20  # uncompressed Parquet bytes of text per encode task, at most
+MIN_PIECE_BYTES = 1 << 20  # a document is cut into pieces only when larger than this
 TASKS_PER_CPU = 2  # each task takes 1/(TASKS_PER_CPU * cpus) of the text not yet assigned
 # Encode tasks started ahead of the writer, per CPU: enough to keep every CPU busy while the writer
 # works, few enough that a slow writer bounds the encoded tables held in memory.
 IN_FLIGHT_PER_CPU = 2
+# A corpus smaller than this on a local machine is encoded by a process pool, without Ray: Ray's
+# start-up (seconds, tens of them on a loaded machine) then costs more than its one gain, the
+# retry of a killed worker (a pool's failure leaves finished shards for the rerun to keep).
+LOCAL_POOL_MAX_BYTES = 4 << 30
 
 
 @dataclass
@@ -121,72 +130,171 @@ def shard_schema(vocab_size: int) -> pa.Schema:
     return pa.schema([(TOKEN_COLUMN, pa.list_(token_type(vocab_size))), ("id", pa.string()), ("n_bytes", pa.int64())])
 
 
-# SentencePiece processors of this worker process, by (model path, sha256). Ray keeps task workers
-# alive between tasks, so each worker loads the model on its first task and reuses it; the
-# sha256 in the key means a retrained model at the same path is never served from a stale entry.
-_PROCESSORS: dict[tuple[str, str], Any] = {}
+# SentencePiece processors of this worker process, by (model path, sha256, continuation). Workers
+# live across tasks, so each loads the model on its first task and reuses it; the sha256 in the
+# key means a retrained model at the same path is never served from a stale entry.
+_PROCESSORS: dict[tuple[str, str, bool], Any] = {}
 
 
-def _processor(model_path: str, model_sha256: str) -> Any:
-    key = (model_path, model_sha256)
+def _processor(model_path: str, model_sha256: str, continuation: bool = False) -> Any:
+    """The model's processor; ``continuation=True``: the same model without the dummy prefix
+    space, for the pieces of a split document after its first (they continue a line)."""
+    key = (model_path, model_sha256, continuation)
     if key not in _PROCESSORS:
         import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
 
-        _PROCESSORS.clear()  # one model per worker is all a run needs
-        _PROCESSORS[key] = spm.SentencePieceProcessor(model_file=model_path)
+        if not continuation:
+            _PROCESSORS.clear()  # one model per worker is all a run needs
+            _PROCESSORS[key] = spm.SentencePieceProcessor(model_file=model_path)
+        else:
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(_processor(model_path, model_sha256).serialized_model_proto())
+            proto.normalizer_spec.add_dummy_prefix = False
+            _PROCESSORS[key] = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
     return _PROCESSORS[key]
 
 
-def encode_row_groups(item: str, model_path: str, model_sha256: str, vocab_size: int, num_threads: int) -> pa.Table:
-    """Ray task: read one work item (consecutive row groups of the clean parts), encode it.
+def splits_at_newlines(model_path: str | Path) -> bool:
+    """Whether a document may be cut after any newline and its pieces encoded apart.
 
-    Tasks rather than an actor pool: Ray reuses its task workers, so a run does not wait for actor
-    processes to start (seconds each on a busy machine), and each worker keeps its model.
+    No piece of the model holds a newline (SentencePiece learns from lines, so none of ours
+    does) and the dummy space is a prefix: then merges never cross a newline, and a piece that
+    starts a line, encoded without the dummy prefix, gives the ids it has inside the whole text.
+    Byte fallback must be on (below).
     """
-    tables = [
-        pq.ParquetFile(part).read_row_groups(groups, columns=["id", "text"])
-        for part, groups in json.loads(str(item))
-    ]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    text = table.column("text")
-    sp = _processor(model_path, model_sha256)
-    # add_eos appends the model's </s>, which the tokenizer stage pins to EOS_ID.
-    encoded = sp.encode(text.to_pylist(), add_eos=True, num_threads=num_threads)
+    from sentencepiece import sentencepiece_model_pb2
+
+    try:
+        data = Path(model_path).read_bytes()
+    except OSError:
+        return False  # the encode tasks fail on it too, each naming its unit
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(data)
+    # Without byte fallback a run of unknown characters (a newline among them) is one <unk>, and a
+    # cut inside the run would make it two.
+    return (
+        proto.trainer_spec.byte_fallback
+        and not proto.trainer_spec.treat_whitespace_as_suffix
+        and not any("\n" in p.piece for p in proto.pieces)
+    )
+
+
+def line_cuts(text: str, n_pieces: int) -> list[int]:
+    """Character offsets cutting ``text`` into ``n_pieces`` pieces of about equal length, each
+    ending just after a newline (or at the end): ``text[cuts[i]:cuts[i + 1]]`` is piece i."""
+    cuts = [0]
+    for i in range(1, n_pieces):
+        at = text.find("\n", max(cuts[-1], len(text) * i // n_pieces))
+        cuts.append(len(text) if at < 0 else at + 1)
+    return cuts + [len(text)]
+
+
+def _np_token_type(vocab_size: int) -> type:
+    return np.uint16 if token_type(vocab_size) == pa.uint16() else np.uint32
+
+
+def _encoded_table(values: np.ndarray, offsets: np.ndarray, ids: pa.Array, n_bytes: pa.Array, vocab_size: int) -> pa.Table:
+    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.Table.from_arrays([tokens, ids, n_bytes], schema=shard_schema(vocab_size))
+
+
+def _token_lists_table(encoded: list[list[int]], ids: pa.Array, n_bytes: pa.Array, vocab_size: int) -> pa.Table:
     # Flat values + offsets straight from the id lists (C-level iteration, no per-document numpy).
     offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
     np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
-    np_type = np.uint16 if token_type(vocab_size) == pa.uint16() else np.uint32
-    values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np_type, count=int(offsets[-1]))
-    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-    n_bytes = pc.binary_length(text).cast(pa.int64()).combine_chunks()
-    return pa.Table.from_arrays([tokens, table.column("id").combine_chunks(), n_bytes], schema=shard_schema(vocab_size))
+    values = np.fromiter(itertools.chain.from_iterable(encoded), dtype=_np_token_type(vocab_size), count=int(offsets[-1]))
+    return _encoded_table(values, offsets, ids, n_bytes, vocab_size)
 
 
-def work_items(parts: list[Path], cpus: int) -> list[str]:
-    """Consecutive row groups of the clean parts, grouped into encode tasks ("guided" sizes).
+def _read_rows(segment: dict[str, Any]) -> pa.Table:
+    part = pq.ParquetFile(segment["part"])
+    if "groups" in segment:
+        return part.read_row_groups(segment["groups"], columns=["id", "text"])
+    table = part.read_row_group(segment["group"], columns=["id", "text"])
+    start, end = segment.get("rows") or (segment["row"], segment["row"] + 1)
+    return table.slice(start, end - start)
 
-    Each task costs a scheduling round trip that leaves its core idle, so tasks are large: each
-    takes 1/``TASKS_PER_CPU * cpus`` of the text still unassigned (at most ``MAX_TASK_BYTES``, at
-    least one row group). Sizes shrink towards the end, so the cores finish close together
-    instead of one waiting on a big last task. Sizes come from the Parquet footers. An item is
-    JSON ``[[part, [row group, ...]], ...]`` in clean order.
+
+def encode_row_groups(item: str, model_path: str, model_sha256: str, vocab_size: int, num_threads: int) -> list:
+    """Task: encode one work item (segments of the clean parts, see ``work_items``).
+
+    A whole-document segment gives a table of the shard schema; a piece of a split document gives
+    ``(token ids, (id, n_bytes) on its last piece else None)``, joined back in order by the driver.
     """
-    groups = [
-        (str(p), g, meta.row_group(g).total_byte_size)
+    out: list = []
+    for segment in json.loads(item):
+        table = _read_rows(segment)
+        text = table.column("text")
+        if "piece" not in segment:
+            sp = _processor(model_path, model_sha256)
+            # add_eos appends the model's </s>, which the tokenizer stage pins to EOS_ID.
+            encoded = sp.encode(text.to_pylist(), add_eos=True, num_threads=num_threads)
+            n_bytes = pc.binary_length(text).cast(pa.int64()).combine_chunks()
+            out.append(_token_lists_table(encoded, table.column("id").combine_chunks(), n_bytes, vocab_size))
+            continue
+        doc, i, n = text[0].as_py(), segment["piece"], segment["of"]
+        cuts = line_cuts(doc, n)
+        ids = _processor(model_path, model_sha256, continuation=i > 0).encode(doc[cuts[i] : cuts[i + 1]], add_eos=i == n - 1)
+        last = (table.column("id")[0].as_py(), len(doc.encode("utf-8"))) if i == n - 1 else None
+        out.append((np.asarray(ids, dtype=_np_token_type(vocab_size)), last))
+    return out
+
+
+def _row_groups(parts: list[Path]) -> list[tuple[str, int, int, int]]:
+    """(part, row group, uncompressed bytes, rows) of every row group, in clean order."""
+    return [
+        (str(p), g, meta.row_group(g).total_byte_size, meta.row_group(g).num_rows)
         for p in parts
         for meta in [pq.ParquetFile(p).metadata]
         for g in range(meta.num_row_groups)
     ]
-    remaining = sum(n for *_, n in groups)
-    items: list[list[list]] = []
+
+
+def _segments(groups: list[tuple[str, int, int, int]], piece_bytes: int) -> Iterator[tuple[dict[str, Any], int]]:
+    """(segment, bytes) in clean order: whole row groups, except that a row group over
+    ``piece_bytes`` is looked into and a document over ``piece_bytes`` in it cut into pieces."""
+    for part, g, n, rows in groups:
+        if not piece_bytes or n <= piece_bytes:
+            yield {"part": part, "groups": [g]}, n
+            continue
+        text = pq.ParquetFile(part).read_row_group(g, columns=["text"]).column("text")
+        sizes = pc.binary_length(text).to_numpy()
+        start = 0
+        for row in np.flatnonzero(sizes > piece_bytes).tolist() + [rows]:
+            if row > start:
+                yield {"part": part, "group": g, "rows": [start, row]}, int(sizes[start:row].sum())
+            if row < rows:
+                of = -(-int(sizes[row]) // piece_bytes)
+                for i in range(of):
+                    yield {"part": part, "group": g, "row": row, "piece": i, "of": of}, int(sizes[row]) // of
+            start = row + 1
+
+
+def work_items(parts: list[Path], cpus: int, split_documents: bool = True) -> list[str]:
+    """Segments of the clean parts grouped into encode tasks ("guided" sizes), in clean order.
+
+    Each task costs a scheduling round trip that leaves its core idle, so tasks are large: each
+    takes 1/``TASKS_PER_CPU * cpus`` of the text still unassigned (at most ``MAX_TASK_BYTES``).
+    Sizes shrink towards the end, so the cores finish close together instead of one waiting on a
+    big last task; for the same reason a document larger than an eighth of a CPU's share is cut
+    at newlines into pieces, each a task of its own. Sizes come from the Parquet footers (a
+    row group is read only when it is larger than a piece). An item is a JSON list of segments.
+    """
+    groups = _row_groups(parts)
+    remaining = sum(n for _, _, n, _ in groups)
+    piece_bytes = max(MIN_PIECE_BYTES, min(MAX_TASK_BYTES, remaining // (8 * cpus))) if split_documents else 0
+    items: list[list[dict]] = []
     size = target = 0
-    for part, g, n in groups:
-        if size >= target:
+    for segment, n in _segments(groups, piece_bytes):
+        if size >= target or "piece" in segment or (items and "piece" in items[-1][-1]):
             items.append([])
             size, target = 0, min(MAX_TASK_BYTES, remaining // (TASKS_PER_CPU * cpus))
-        if not items[-1] or items[-1][-1][0] != part:
-            items[-1].append([part, []])
-        items[-1][-1][1].append(g)
+        last = items[-1][-1] if items[-1] else {}
+        if "groups" in segment and "groups" in last and last["part"] == segment["part"]:
+            last["groups"] += segment["groups"]  # consecutive row groups of a part: one read
+        else:
+            items[-1].append(segment)
         size += n
         remaining -= n
     return [json.dumps(item) for item in items]
@@ -204,7 +312,7 @@ def encode_parts(parts: list[Path], model_path: str, model_sha256: str, vocab_si
     the writers see (and the shards they write) depends on the corpus alone. Close the iterator
     while the runner's Ray is up: that cancels the tasks not yet consumed.
     """
-    items = work_items(parts, runner.cpus())
+    items = work_items(parts, runner.cpus(), split_documents=splits_at_newlines(model_path))
     encoded = runner.map(
         encode_row_groups,
         items,
@@ -214,11 +322,36 @@ def encode_parts(parts: list[Path], model_path: str, model_sha256: str, vocab_si
         window=IN_FLIGHT_PER_CPU * runner.cpus(),
     )
     with contextlib.closing(encoded):
-        yield from _per_row_group(encoded, [n for part in parts for n in _row_group_rows(part)])
+        tables = _joined(itertools.chain.from_iterable(encoded), vocab_size)
+        yield from _per_row_group(tables, [n for part in parts for n in _row_group_rows(part)])
+
+
+def _joined(results: Iterator[Any], vocab_size: int) -> Iterator[pa.Table]:
+    """Tables as they come; the pieces of a split document joined back into its one-row table."""
+    pieces: list[np.ndarray] = []
+    for result in results:
+        if isinstance(result, pa.Table):
+            yield result
+            continue
+        ids, last = result
+        pieces.append(ids)
+        if last is not None:
+            doc_id, n_bytes = last
+            values = np.concatenate(pieces)
+            offsets = np.array([0, len(values)], dtype=np.int32)
+            yield _encoded_table(values, offsets, pa.array([doc_id], pa.string()), pa.array([n_bytes], pa.int64()), vocab_size)
+            pieces = []
 
 
 def _describe_item(item: str) -> str:
-    return "shards: encoding " + "; ".join(f"{part} row groups {groups[0]}-{groups[-1]}" for part, groups in json.loads(item))
+    def where(s: dict[str, Any]) -> str:
+        if "groups" in s:
+            return f"{s['part']} row groups {s['groups'][0]}-{s['groups'][-1]}"
+        if "rows" in s:
+            return f"{s['part']} row group {s['group']} rows {s['rows'][0]}-{s['rows'][1] - 1}"
+        return f"{s['part']} row group {s['group']} row {s['row']} piece {s['piece'] + 1}/{s['of']}"
+
+    return "shards: encoding " + "; ".join(where(s) for s in json.loads(item))
 
 
 def _per_row_group(blocks: Iterator[pa.Table], sizes: list[int]) -> Iterator[pa.Table]:
@@ -332,6 +465,14 @@ def _clean_ids(parts: list[Path]) -> list[str]:
     return [i for part in parts for i in pq.read_table(part, columns=["id"]).column("id").to_pylist()]
 
 
+def _split_of_every_document(parts: list[Path], seed: int, val_fraction: float) -> tuple[pa.Array, np.ndarray]:
+    """(clean ids in order, val mask): from the ids alone, so the empty-split fallback sees the
+    whole corpus while the encoding streams."""
+    ids = _clean_ids(parts)
+    splits = assign_splits(ids, seed, val_fraction)
+    return pa.array(ids, type=pa.string()), np.array([s == "val" for s in splits], dtype=bool)
+
+
 def _finished_shards(work: Path) -> dict[str, dict[str, Any]]:
     """Completion records of the shards an interrupted run left in ``work`` (the stage's resumable
     output, so the same fingerprint); any other file there, unrecorded or half-written, is removed."""
@@ -379,7 +520,26 @@ def _manifest(cfg: PipelineConfig, paths: RunPaths, meta: dict[str, Any], clean_
     }
 
 
-def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ShardsResult:
+@contextlib.contextmanager
+def encode_runner(cfg: PipelineConfig, paths: RunPaths) -> Iterator[UnitRunner]:
+    """Where the encode tasks run: the Ray this process has joined, the configured cluster, or a
+    local Ray for a big corpus; else a process pool, whose workers start now (and warm up while
+    the tokenizer trains, when the caller opens this first)."""
+    ray = sys.modules.get("ray")  # not imported here when nothing else has
+    on_ray = cfg.runtime.ray_address or (ray is not None and ray.is_initialized())
+    if not on_ray:
+        groups = _row_groups(sorted(paths.clean.glob("part-*.parquet")))
+        on_ray = sum(n for _, _, n, _ in groups) >= LOCAL_POOL_MAX_BYTES
+    if on_ray:
+        with ray_runner(cfg.runtime) as runner:
+            yield runner
+    else:
+        with process_pool_runner(cfg.runtime.num_cpus or _cpu_count(), preload=(__name__, "sentencepiece")) as runner:
+            yield runner
+
+
+def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False, runner: UnitRunner | None = None) -> ShardsResult:
+    """Encode the clean corpus into shards on ``runner`` (by default ``encode_runner``'s)."""
     start = time.monotonic()
     tok = cfg.tokenizer
     parts = clean_parts(paths)
@@ -394,20 +554,17 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
 
     vocab_size = int(meta["vocab_size"])
     schema = shard_schema(vocab_size)
-    # The split is decided up front from the ids alone (cheap), so the empty-split fallback can see
-    # the whole corpus while the encoding streams.
-    ids = _clean_ids(parts)
-    splits = assign_splits(ids, tok.seed, tok.val_fraction)
     target_bytes = int(tok.shard_size_mb * (1 << 20))
 
     # Finished shards are recorded in the resumable output, so a rerun with the same fingerprint
     # writes only the missing ones (it re-encodes, which is deterministic, to find the boundaries).
-    with stage.outputs(paths.shards, resumable=True) as (tmp,), ray_runner(cfg.runtime) as runner:
+    given = contextlib.nullcontext(runner) if runner else encode_runner(cfg, paths)
+    with stage.outputs(paths.shards, resumable=True) as (tmp,), given as runner, ThreadPoolExecutor(1) as side:
+        # Decided on a side thread while the first encode tasks run.
+        split_of = side.submit(_split_of_every_document, parts, tok.seed, tok.val_fraction)
         finished = _finished_shards(tmp)
         writers = {s: ShardWriter(tmp, s, schema, target_bytes, finished) for s in SPLITS}
         row = 0
-        clean_ids = pa.array(ids, type=pa.string())
-        is_val = np.array([s == "val" for s in splits], dtype=bool)
         # A shard closes at the first row group that fills it, so its boundaries (and bytes)
         # depend on the corpus alone.
         batches = encode_parts(parts, str(model_path.resolve()), tok_sha, vocab_size, runner)
@@ -415,14 +572,15 @@ def write_shards(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> S
         # collection gets to it after ray.shutdown() (a Ray call then ends the whole process).
         with contextlib.closing(batches):
             for batch in batches:
+                clean_ids, is_val = split_of.result()
                 n = batch.num_rows
                 if not batch.column("id").equals(pa.chunked_array([clean_ids.slice(row, n)])):
                     raise RuntimeError(f"shards: encode tasks returned documents out of clean order near row {row}")
                 for split, table in _split_table(batch, is_val[row : row + n]).items():
                     writers[split].add(table)
                 row += n
-        if row != len(splits):
-            raise RuntimeError(f"shards: encoded {row} documents but the clean corpus has {len(splits)}")
+        if row != len(split_of.result()[1]):
+            raise RuntimeError(f"shards: encoded {row} documents but the clean corpus has {len(split_of.result()[1])}")
         for w in writers.values():
             w.flush()
 

@@ -19,6 +19,7 @@ Output ``tokenizer/``: tokenizer.model, tokenizer.vocab, meta.json, _SUCCESS.jso
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq
 from data_prep.ray_runtime import is_quiet
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, read_json, read_stage_record, sha256_file
 from pretrain_pipeline.config import PipelineConfig, TokenizerConfig
+from pretrain_pipeline.errors import MissingInput, UserError
 from pretrain_pipeline.stage import Stage, completed_record
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ def clean_parts(paths: RunPaths) -> list[Path]:
     completed_record(paths.clean, "clean")
     parts = sorted(paths.clean.glob("part-*.parquet"))
     if not parts:
-        raise ValueError(f"{paths.clean}: no document survived cleaning; see {paths.clean / 'stats.json'}")
+        raise UserError(f"{paths.clean}: no document survived cleaning; see {paths.clean / 'stats.json'}")
     return parts
 
 
@@ -107,25 +109,154 @@ def split_long_line(line: str, max_bytes: int) -> list[str]:
     return pieces
 
 
-def sample_lines(texts: Iterator[str], max_lines: int, max_bytes: int, seed: int) -> list[str]:
-    """Seeded reservoir sample of non-blank lines, returned in corpus order (bounded memory)."""
-    rng = random.Random(seed)
-    reservoir: list[tuple[int, str]] = []
-    seen = 0
-    for text in texts:
-        for raw in text.split("\n"):
-            if not raw.strip():
+class RandrangeDraws:
+    """``random.Random(seed).randrange(n)`` for n = n0, n0 + 1, ... in bulk, draw for draw.
+
+    CPython draws ``randrange(n)`` as ``getrandbits(n.bit_length())`` repeated while the value is
+    >= n, and ``getrandbits(k <= 32)`` is the Mersenne Twister's next 32-bit output shifted right
+    by 32 - k. numpy's MT19937, given the same state, makes the same outputs, so whole batches are
+    decided with array operations; only a word whose fate depends on which line takes it (rare:
+    its value lies between the batch's smallest and largest n) is decided one at a time.
+    """
+
+    def __init__(self, seed: int) -> None:
+        import numpy as np
+
+        _, state, _ = random.Random(seed).getstate()
+        self.bits = np.random.MT19937()
+        self.bits.state = {"bit_generator": "MT19937", "state": {"key": np.array(state[:-1], dtype=np.uint32), "pos": state[-1]}}
+        self.words = np.empty(0, dtype=np.uint64)
+        self.p = 0  # next unused word in self.words
+
+    def _window(self, size: int) -> Any:
+        import numpy as np
+
+        if len(self.words) - self.p < size:
+            fresh = self.bits.random_raw(max(size, 1 << 16))
+            self.words, self.p = np.concatenate([self.words[self.p :], fresh]), 0
+        return self.words[self.p : self.p + size]
+
+    def _getrandbits(self, k: int) -> int:
+        """One ``getrandbits(k)`` for any k, the way CPython fills it: 32-bit words, low word first."""
+        value, shift = 0, 0
+        while k > 0:
+            word = int(self._window(1)[0]) >> max(0, 32 - k)
+            self.p += 1
+            value |= word << shift
+            shift, k = shift + 32, k - 32
+        return value
+
+    def below(self, n0: int, count: int) -> Any:
+        """An int64 array: element i is ``randrange(n0 + i)``."""
+        import numpy as np
+
+        out = np.empty(count, dtype=np.int64)
+        done = 0
+        while done < count:
+            n = n0 + done
+            k = n.bit_length()
+            if k > 32:  # over 4 billion lines: one at a time, still draw for draw
+                while (j := self._getrandbits(k)) >= n:
+                    pass
+                out[done] = j
+                done += 1
                 continue
-            for line in split_long_line(raw, max_bytes):
-                if len(reservoir) < max_lines:
-                    reservoir.append((seen, line))
-                else:
-                    j = rng.randrange(seen + 1)
-                    if j < max_lines:
-                        reservoir[j] = (seen, line)
-                seen += 1
-    reservoir.sort()
-    return [line for _, line in reservoir]
+            # A batch stays within one bit length; its size keeps undecided words about one per batch.
+            end = min(count, (1 << k) - n0, done + max(64, math.isqrt(1 << k)))
+            done = self._batch(out, done, end, n0, k)
+        return out
+
+    def _batch(self, out: Any, done: int, end: int, n0: int, k: int) -> int:
+        import numpy as np
+
+        n_max = n0 + end - 1
+        while done < end:
+            window = self._window(2 * (end - done) + 16) >> np.uint64(32 - k)
+            n = n0 + done
+            undecided = np.flatnonzero((window >= n) & (window < n_max))
+            decided = window[: undecided[0] if len(undecided) else len(window)]
+            accepted = np.flatnonzero(decided < n)
+            take = min(len(accepted), end - done)
+            out[done : done + take] = decided[accepted[:take]]
+            done += take
+            if done == end:
+                self.p += int(accepted[take - 1]) + 1 if take else 0
+                break
+            self.p += len(decided)
+            if len(decided) < len(window):  # the undecided word: line n0 + done takes it or not
+                if window[len(decided)] < n0 + done:
+                    out[done] = window[len(decided)]
+                    done += 1
+                self.p += 1
+        return done
+
+
+class LineSample(list):
+    """The sampled lines in corpus order; ``documents``: how many documents they come from."""
+
+    documents: int = 0
+
+
+def sample_lines(texts: Iterator[str], max_lines: int, max_bytes: int, seed: int) -> LineSample:
+    """Seeded reservoir sample of non-blank lines, returned in corpus order (bounded memory).
+
+    The reservoir fills with the first ``max_lines`` lines; after that line ``seen`` replaces slot
+    ``random.Random(seed).randrange(seen + 1)`` when that is a slot: the textbook algorithm, its
+    draws made in bulk (``RandrangeDraws``) for batches of lines.
+    """
+    from array import array
+
+    import numpy as np
+
+    short = max_bytes // 4  # a line of at most this many characters fits: no need to encode it
+    sample: list[str] = []
+    reservoir = None  # the full sample as a numpy object array, once lines start replacing
+    order = np.arange(max_lines, dtype=np.int64)  # corpus index of each sample line
+    draws: RandrangeDraws | None = None
+    pending: list[str] = []  # lines past the filled reservoir, waiting for their draws
+    seen = 0  # lines before ``pending``
+
+    def replace() -> None:
+        nonlocal draws, reservoir, seen
+        if draws is None:
+            draws, reservoir = RandrangeDraws(seed), np.empty(len(sample), dtype=object)
+            reservoir[:] = sample
+        slots = draws.below(seen + 1, len(pending))
+        hits = np.flatnonzero(slots < max_lines)
+        # The last line drawn for a slot is the one that stays there.
+        kept, last = np.unique(slots[hits][::-1], return_index=True)
+        lines_at = hits[len(hits) - 1 - last]
+        order[kept] = seen + lines_at
+        lines = np.empty(len(pending), dtype=object)
+        lines[:] = pending
+        reservoir[kept] = lines[lines_at]
+        seen += len(pending)
+        pending.clear()
+
+    doc_ends = array("q")  # lines up to the end of each document that has any
+    for text in texts:
+        lines = list(filter(str.strip, text.split("\n")))
+        if not lines:
+            continue
+        if max(map(len, lines)) > short:
+            lines = [piece for line in lines for piece in split_long_line(line, max_bytes)]
+        doc_ends.append((doc_ends[-1] if doc_ends else 0) + len(lines))
+        if len(sample) < max_lines:
+            fill = min(len(lines), max_lines - len(sample))
+            sample += lines[:fill] if fill < len(lines) else lines
+            seen += fill
+            lines = lines[fill:]
+        pending += lines
+        if len(pending) >= 1 << 16:
+            replace()
+    if pending:
+        replace()
+    if draws is None:
+        result, positions = LineSample(sample), np.arange(len(sample))
+    else:
+        result, positions = LineSample(reservoir[np.argsort(order)].tolist()), order
+    result.documents = len(np.unique(np.searchsorted(np.frombuffer(doc_ends, dtype=np.int64), positions, side="right")))
+    return result
 
 
 def trainer_settings(tok: TokenizerConfig) -> dict[str, Any]:
@@ -234,9 +365,8 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
     with stage.outputs(out_dir) as (tmp,), tempfile.TemporaryDirectory(prefix="spm-") as scratch:
         tmp.mkdir(parents=True)
         sample_file = Path(scratch) / "sample.txt"
-        with open(sample_file, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
+        with open(sample_file, "w", encoding="utf-8", newline="\n") as f:
+            f.write("\n".join(lines) + "\n")
         log.info("tokenizer: training %s vocab=%d on %d lines", tok.model_type, tok.vocab_size, len(lines))
         _train(sample_file, tmp / "tokenizer", tok)
         sp = spm.SentencePieceProcessor(model_file=str(tmp / MODEL_FILE))
@@ -250,7 +380,8 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
             "pad_id": sp.pad_id(),
             "settings": trainer_settings(tok),
             "training_lines": len(lines),
-            "training_bytes": sum(len(line.encode("utf-8")) + 1 for line in lines),
+            "training_documents": lines.documents,
+            "training_bytes": sample_file.stat().st_size,  # each line's UTF-8 bytes and its newline
             "sample_seed": tok.seed,
             "clean_fingerprint": clean_fp,
         }
@@ -277,7 +408,7 @@ def source_tokenizer(cfg: PipelineConfig) -> tuple[Path, dict[str, Any]]:
     src = RunPaths(Path(cfg.runtime.runs_root) / name).tokenizer
     record = read_stage_record(src)
     if record is None:
-        raise FileNotFoundError(
+        raise MissingInput(
             f"{src}: tokenizer.from_run={name!r}, but that run has no finished tokenizer (no _SUCCESS.json); "
             f"run `pretrain-pipeline tokenize` for {name!r} first"
         )

@@ -22,6 +22,7 @@ from pretrain.events import read_events
 from data_prep.inspect import examples_by_reason, examples_markdown, funnel_rows
 from pretrain_pipeline import stages
 from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.errors import UserError, is_transient
 from pretrain_pipeline.preflight import preflight
 
 
@@ -85,6 +86,11 @@ def _stage_extras(stage: str, cfg: PipelineConfig, result: dict[str, Any]) -> No
                 key=_artifact_key(run, "shard-manifest"), table=_manifest_summary(manifest),
                 description=f"Shard manifest summary of run {run} ({manifest})",
             )
+        if (tok_report := cfg.run_dir() / "tokenizer" / "report.md").exists():
+            create_markdown_artifact(
+                key=_artifact_key(run, "tokenizer-report"), markdown=tok_report.read_text(),
+                description=f"Tokenizer report of run {run}: bytes per token, byte fallback, vocabulary use",
+            )
     elif stage == "train":
         run_dir = cfg.run_dir().resolve()
         create_link_artifact(
@@ -125,29 +131,41 @@ def _run_stage(stage: str, cfg: PipelineConfig, force: bool) -> dict[str, Any]:
     return result
 
 
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition for the stage tasks: retry a lost Ray worker or a transient OS
+    error; a user error, a bad value or a missing input would only fail the same way again."""
+    err = state.result(raise_on_failure=False)
+    return isinstance(err, BaseException) and is_transient(err)
+
+
 # Data stages can fail on a flaky worker or filesystem; a retry redoes only unfinished work.
-@task(name="clean", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="clean", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
 def clean_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     return _run_stage("clean", cfg, force)
 
 
-@task(name="tokenize", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="tokenize", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
 def tokenize_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     return _run_stage("tokenize", cfg, force)
 
 
 # A retried training task resumes from its latest checkpoint rather than starting over.
-@task(name="train", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="train", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
 def train_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     return _run_stage("train", cfg, force)
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="evaluate", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
 def evaluate_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     return _run_stage("evaluate", cfg, force)
 
 
-@task(name="export", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="export", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_if_transient,
+      cache_policy=NO_CACHE)
 def export_task(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
     return _run_stage("export", cfg, force)
 
@@ -163,7 +181,7 @@ def report_task(cfg: PipelineConfig) -> str:
     return str(path)
 
 
-class PreflightFailed(ValueError):
+class PreflightFailed(UserError):
     """The config cannot run here (missing inputs, no device, ...): one line per problem."""
 
 

@@ -365,6 +365,15 @@ def load_client_state(checkpoint_dir: str | Path, tag: str | None = None) -> dic
     return state
 
 
+def resume_refusal(state: dict[str, Any], model_fingerprint: str, checkpoint_dir: str | Path) -> str | None:
+    """Why a checkpoint (its client state) cannot continue this model config, or None. The ranks
+    check it before DeepSpeed reads any weight, the preflight before anything starts."""
+    if state.get("model_fingerprint") != model_fingerprint:
+        return (f"{checkpoint_dir} holds checkpoints of a different model config; "
+                "set train.resume: never (they are moved aside) or use another run name")
+    return None
+
+
 def zero_stages_of(tag_dir: str | Path) -> list[int]:
     """The ZeRO stages whose file layout a tag has, for checkpoints that do not record their stage.
 

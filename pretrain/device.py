@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pretrain_pipeline.errors import UserError
+
 
 def resolve_device(device: str) -> str:
     """``train.device`` for this process: ``auto`` is cuda when a GPU is visible here, else cpu.
@@ -24,6 +26,6 @@ def rank_device(device: str, local_rank: int) -> str:
     if resolved == "cpu":
         return resolved
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA device is visible")
+        raise UserError("train.device is cuda but no CUDA device is visible (--set train.device=cpu runs on the CPU)")
     torch.cuda.set_device(local_rank)
     return f"cuda:{local_rank}"

@@ -23,6 +23,7 @@ from pretrain.device import resolve_device
 from pretrain.model import GPT, resolve_vocab_size
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, read_json, read_stage_record, sha256_file
 from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.errors import MissingInput
 from pretrain_pipeline.stage import Stage
 
 
@@ -50,7 +51,7 @@ def load_model(cfg: PipelineConfig, paths: RunPaths, tag: str | None = None) -> 
     manifest = load_manifest(paths.shards)
     tag = tag or latest_tag(paths.checkpoints)
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run the train stage first")
+        raise MissingInput(f"no checkpoint in {paths.checkpoints}: run the train stage first")
     model = GPT(cfg.model, resolve_vocab_size(cfg.model, manifest.vocab_size))
     state = load_consolidated_state_dict(paths.checkpoints, tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -179,14 +180,14 @@ def run_lm_eval(cfg: PipelineConfig, model: GPT, sp, eos_id: int, device: str) -
     """``eval.lm_eval_tasks`` on the model in memory, through our lm-eval adapter: task -> metric
     (``acc``, ``acc_stderr``, or ``acc/<filter>`` for a filter other than lm-eval's ``none``) -> value."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
+    from data_prep.benchmarks import resolve_tasks
     from pretrain.lm_eval_adapter import PretrainPipelineLM
 
     ec = cfg.eval
     lm = PretrainPipelineLM.from_model(model, sp, eos_id, batch_size=ec.micro_batch_size, device=device)
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=list(ec.lm_eval_tasks), task_manager=TaskManager(include_path=ec.lm_eval_include_path),
+        model=lm, tasks=list(ec.lm_eval_tasks), task_manager=resolve_tasks(list(ec.lm_eval_tasks), ec.lm_eval_include_path)[0],
         limit=ec.lm_eval_limit, log_samples=False,
     )
     results: dict[str, dict[str, float]] = {}

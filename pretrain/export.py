@@ -24,6 +24,7 @@ from pretrain.model import GPT
 from pretrain_pipeline import __version__
 from pretrain_pipeline.artifacts import RunPaths, naming_file, read_json, read_stage_record, sha256_file
 from pretrain_pipeline.config import ModelConfig, PipelineConfig
+from pretrain_pipeline.errors import MissingInput
 from pretrain_pipeline.stage import Stage
 
 LOGITS_ATOL = 1e-4
@@ -358,7 +359,7 @@ def export(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> ExportR
     if record := stage.current():
         return ExportResult(**{**record["result"], "skipped": True})
     if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {paths.checkpoints}: run the train stage first")
+        raise MissingInput(f"no checkpoint in {paths.checkpoints}: run the train stage first")
 
     manifest = load_manifest(paths.shards)
     vocab_size = resolve_vocab_size(cfg.model, manifest.vocab_size)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pretrain_pipeline.errors import UserError
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -47,7 +49,7 @@ class BatchLayout:
         return cls(int(state["micro_batch_size"]), int(state["grad_accum_steps"]), int(state["world_size"]))
 
 
-class GlobalBatchRefused(ValueError):
+class GlobalBatchRefused(UserError, ValueError):
     """No grad_accum_steps keeps the recorded global batch on the new ranks and micro-batch."""
 
 

@@ -24,6 +24,7 @@ from pretrain.device import resolve_device
 from pretrain.global_batch import BatchLayout, GlobalBatchRefused, keep_global_batch
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_text, project_state_dir, read_json, sha256_file
 from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.errors import MissingInput
 from pretrain_pipeline.stage import Stage, prepare_run
 
 # Below Prefect runner's 30 s between SIGTERM and SIGKILL of a cancelled flow run, so the flow
@@ -56,13 +57,13 @@ def train_stage(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> St
     """Training reads the model and train sections and the shard manifests it samples from."""
     manifest = paths.shards / "manifest.json"
     if not manifest.exists():
-        raise FileNotFoundError(f"{manifest} not found: run the shards stage first")
+        raise MissingInput(f"{manifest} not found: run the shards stage first")
     # A mixture's other sources are inputs too: new shards there mean the model is out of date.
     runs_root = Path(cfg.runtime.runs_root)
     sources = sorted(n for n in cfg.train.data_mixture if n != cfg.runtime.run_name)
     missing = [n for n in sources if not (runs_root / n / "shards" / "manifest.json").exists()]
     if missing:
-        raise FileNotFoundError(f"train.data_mixture sources without shards under {runs_root}: {missing}")
+        raise MissingInput(f"train.data_mixture sources without shards under {runs_root}: {missing}")
     source_hashes = {n: sha256_file(runs_root / n / "shards" / "manifest.json") for n in sources}
     config = {"model": cfg.model.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}
     inputs = [sha256_file(manifest), *([source_hashes] if source_hashes else [])]
@@ -87,7 +88,7 @@ def build_command(cfg: PipelineConfig, paths: RunPaths) -> list[str]:
         cmd = [launcher]
         if tc.launch.hostfile:
             if not Path(tc.launch.hostfile).is_file():
-                raise FileNotFoundError(f"train.launch.hostfile={tc.launch.hostfile} not found")
+                raise MissingInput(f"train.launch.hostfile={tc.launch.hostfile} not found")
             cmd += ["--hostfile", tc.launch.hostfile]
         elif tc.launch.nnodes > 1:
             raise ValueError("train.launch.launcher=deepspeed with nnodes > 1 needs train.launch.hostfile")
@@ -337,17 +338,13 @@ def launch_training(cfg: PipelineConfig, paths: RunPaths, force: bool = False, l
     # (or hold a copy) and just start their ranks.
     leader = cfg.train.launch.node_rank == 0
     # Refuse a run that cannot fit before any process starts (and before config.yaml changes).
-    from pretrain.plan import check_fits, make_plan, plan_vocab_size
-    from pretrain.reshard import planned_conversion
+    from pretrain.plan import check_fits, plan_launch
 
     # A checkpoint of another cluster shape: keep its global batch, or refuse before anything starts.
-    cfg = keep_resumed_global_batch(cfg, paths, log)
-    plan = make_plan(cfg, plan_vocab_size(cfg, paths))
+    cfg, plan = plan_launch(cfg, paths, leader)
     check_fits(plan)
     for line in plan.lines():
         log(f"train: plan: {line}")
-    if leader and (note := planned_conversion(paths.checkpoints, cfg.train)):  # another world size / ZeRO stage
-        log(f"train: plan: {note}")
     # The ranks read config.yaml; make sure it says what this call was given.
     prepare_run(cfg, paths)
     if leader and cfg.train.resume == "never" and paths.checkpoints.exists():

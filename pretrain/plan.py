@@ -9,15 +9,16 @@ attention-score term, which SDPA's fused kernels do not materialise), plus the l
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from pretrain.engine import effective_zero_stage, zero_stage_note
 from pretrain_pipeline.config import PipelineConfig
+from pretrain_pipeline.errors import UserError
 
 GiB = 1024**3
-# Dense bf16 tensor-core peaks (no sparsity), per device.
+# Dense bf16 tensor-core peaks (no sparsity), per device, from the vendor datasheets (SXM parts).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
@@ -31,6 +32,18 @@ def peak_flops(configured_tflops: float = 0.0, device_name: str | None = None) -
         if device_name and key in device_name.upper():
             return tflops * 1e12
     return None
+
+
+def planned_peak(tc) -> tuple[float | None, str]:
+    """The per-device peak FLOP/s the ETA assumes, and whose it is: train.plan.peak_tflops, else
+    train.accelerator's datasheet figure (planned anywhere), else this machine's GPU by name."""
+    if tc.plan.peak_tflops:
+        return tc.plan.peak_tflops * 1e12, "device"
+    if tc.accelerator != "none":
+        name = tc.accelerator.upper()
+    else:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return (peak_flops(0, name) if name else None), name
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak: float) -> float:
@@ -56,9 +69,12 @@ class Plan:
     device_memory_gb: float
     fits: bool
     zero_stage: str = ""  # as launched, e.g. "3 (runs as 0: one rank, nothing to partition)"
+    eta_basis: str = ""  # the devices, peak and MFU the ETA assumes
+    resume_notes: list[str] = field(default_factory=list)  # what resuming on this cluster shape changes
 
     def lines(self) -> list[str]:
-        eta = f"{self.eta_hours:.2f} h" if self.eta_hours is not None else "n/a (no peak FLOP/s known for this device)"
+        eta = (f"{self.eta_hours:.2f} h {self.eta_basis}" if self.eta_hours is not None
+               else "n/a (no peak FLOP/s known for this device: set train.accelerator or train.plan.peak_tflops)")
         return [
             f"params {self.params:,} (non-embedding), {self.params_total:,} total; "
             f"FLOPs/token {self.flops_per_token:,}; world size {self.world_size}; ZeRO {self.zero_stage}",
@@ -66,6 +82,7 @@ class Plan:
             f"optimizer {self.optimizer_gb:.3f}, activations {self.activations_gb:.3f}, total {self.total_gb:.3f}"
             + (f" of {self.device_memory_gb:g}" if self.device_memory_gb else ""),
             f"{self.steps} steps x {self.tokens_per_step:,} tokens = {self.tokens:,} tokens; ETA {eta}",
+            *self.resume_notes,
         ]
 
     def to_dict(self) -> dict:
@@ -110,15 +127,32 @@ def make_plan(cfg: PipelineConfig, vocab_size: int, world_size: int | None = Non
     total = weights + grads + optim + activations
     tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * mc.block_size * world
     tokens = tokens_per_step * tc.max_steps
-    peak = peak_flops(tc.plan.peak_tflops)
+    peak, device = planned_peak(tc)
     eta = tokens * fpt / (world * peak * tc.plan.planned_mfu) / 3600 if peak else None
+    basis = f"on {world} x {device} ({peak / 1e12:g} TFLOP/s peak, assumed MFU {tc.plan.planned_mfu:.0%})" if peak else ""
     return Plan(
         params=n, params_total=n_total, flops_per_token=fpt, world_size=world,
         weights_gb=weights / GiB, grads_gb=grads / GiB, optimizer_gb=optim / GiB, activations_gb=activations / GiB,
         total_gb=total / GiB, tokens_per_step=tokens_per_step, steps=tc.max_steps, tokens=tokens, eta_hours=eta,
         device_memory_gb=tc.plan.device_memory_gb, fits=not tc.plan.device_memory_gb or total / GiB <= tc.plan.device_memory_gb,
-        zero_stage=zero_stage_note(tc, world),
+        zero_stage=zero_stage_note(tc, world), eta_basis=basis,
     )
+
+
+def plan_launch(cfg: PipelineConfig, paths, leader: bool = True) -> tuple[PipelineConfig, Plan]:
+    """What a launch runs and its plan: resuming a checkpoint of another cluster shape, with the
+    grad_accum_steps that keeps its global batch (GlobalBatchRefused when none does) and, on node
+    0, the conversion the resume makes, both in the plan's lines."""
+    from pretrain.launch import keep_resumed_global_batch
+    from pretrain.reshard import planned_conversion
+
+    notes: list[str] = []
+    cfg = keep_resumed_global_batch(cfg, paths, notes.append)
+    plan = make_plan(cfg, plan_vocab_size(cfg, paths))
+    if leader and (conversion := planned_conversion(paths.checkpoints, cfg.train)):
+        notes.append(conversion)
+    plan.resume_notes = [note.removeprefix("train: ") for note in notes]
+    return cfg, plan
 
 
 def plan_vocab_size(cfg: PipelineConfig, paths=None) -> int:
@@ -130,8 +164,8 @@ def plan_vocab_size(cfg: PipelineConfig, paths=None) -> int:
     return cfg.tokenizer.vocab_size
 
 
-class PlanDoesNotFit(RuntimeError):
-    pass
+class PlanDoesNotFit(UserError):
+    """The per-rank memory estimate exceeds train.plan.device_memory_gb."""
 
 
 def check_fits(plan: Plan) -> None:

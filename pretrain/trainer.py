@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from pretrain.checkpoint import latest_tag, load_checkpoint, rng_state, save_checkpoint, set_rng_state, tag_for
+from pretrain.checkpoint import (latest_tag, load_checkpoint, resume_refusal, rng_state, save_checkpoint,
+                                 set_rng_state, tag_for)
 from pretrain.data import DataIntegrityError, MixtureDataset, ShardDataset, build_train_loader, load_manifest
 from pretrain.device import rank_device
 from pretrain.distributed import init_distributed
@@ -244,12 +245,8 @@ class Trainer:
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint this launch cannot continue, before DeepSpeed reads its weights."""
-        checkpoints = self.paths.checkpoints
-        if state.get("model_fingerprint") != self.cfg.model.fingerprint():
-            raise RuntimeError(
-                f"{checkpoints} holds checkpoints of a different model config; "
-                "set train.resume: never (they are moved aside) or use another run name"
-            )
+        if refusal := resume_refusal(state, self.cfg.model.fingerprint(), self.paths.checkpoints):
+            raise RuntimeError(refusal)
 
     def _resume(self, rolling_back: bool = False) -> str | None:
         # The newest tag whose files match its completion record (rank 0 verifies, all ranks load);

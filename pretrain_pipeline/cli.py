@@ -1,28 +1,47 @@
-"""``pretrain-pipeline``: one command per stage, plus ``run`` for the whole pipeline.
-
-    pretrain-pipeline run --config configs/smoke.yaml
-    pretrain-pipeline train --config configs/smoke.yaml --set train.max_steps=50 --force
-    pretrain-pipeline config --config configs/gpt2-124m.yaml      # print the resolved config
-    pretrain-pipeline inspect -c configs/smoke.yaml --reason gopher_repetition:top_2_gram -n 5
-    pretrain-pipeline check --config configs/gpt2-124m.yaml       # inputs, run dir, device: no run
-
-The config is validated and the stages about to run are checked (pretrain_pipeline.preflight)
-before Prefect, Ray or any stage starts; a user error prints ``error:`` lines naming the field or
-file and exits with status 2.
-"""
+"""The ``pretrain-pipeline`` command; its --help text (DESCRIPTION, EPILOG) is written for a terminal."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
 
-from pretrain_pipeline.config import ConfigError, PipelineConfig, dump_config, load_config
+from pretrain_pipeline.config import PipelineConfig, dump_config, load_config
+from pretrain_pipeline.console import QuietConsole, quiet_prefect, quiet_start_up
+from pretrain_pipeline.errors import UserError
 from pretrain_pipeline.preflight import check_stages
 from pretrain_pipeline.stages import STAGE_FUNCTIONS, STAGES, configure_environment, forced_stages
 
-USER_ERROR = 2  # exit status of a config or preflight refusal: fix the config, nothing ran
+USER_ERROR = 2  # exit status of a user error (config, inputs, device, resume, plan): fix what it names
+
+DESCRIPTION = """\
+Pretrain a GPT from a raw text corpus: clean -> tokenize -> train -> evaluate -> export.
+One command per stage, and run for the whole pipeline (a Prefect flow). Outputs go to
+runs/<run_name>/. Before Prefect, Ray or any stage starts, the config is validated and the
+stages about to run are checked (inputs, run directory, device, memory plan); check does
+only that.
+"""
+
+EPILOG = """\
+examples:
+  pretrain-pipeline check -c configs/gpt2-124m.yaml    what would stop a run, found in seconds
+  pretrain-pipeline run -c configs/smoke.yaml          the whole pipeline on CPU
+  pretrain-pipeline plan -c configs/gpt2-124m.yaml     parameters, memory per rank, ETA
+  pretrain-pipeline config -c configs/gpt2-124m.yaml   the resolved config
+  pretrain-pipeline train -c configs/smoke.yaml --set train.max_steps=50 --force
+  pretrain-pipeline inspect -c configs/smoke.yaml --reason gopher_repetition:top_2_gram
+
+Each command: pretrain-pipeline COMMAND --help. --verbose shows rank output and Ray, Prefect
+and DeepSpeed notices on the terminal; --json prints a stage's result for scripts.
+
+exit status:
+  0  done
+  1  a stage failed (the error and its traceback are printed); rerun to resume
+  2  a user error: invalid config, missing input, no such device, a refused resume, a plan
+     that does not fit; the "error:" lines name the field or file to fix
+"""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -37,10 +56,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--run-name", help="Shortcut for --set runtime.run_name=NAME.")
     p.add_argument("--ray-address", help="Shortcut for --set runtime.ray_address=ADDR.")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="Show everything on the terminal (rank output, Ray, Prefect and DeepSpeed notices).")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain-pipeline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="pretrain-pipeline", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
         "clean": "Clean and deduplicate the raw corpus on Ray -> runs/<name>/clean/",
@@ -53,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helps[name])
         _add_common(p)
         p.add_argument("--force", action="store_true", help="Redo the stage even if its outputs are current.")
+        p.add_argument("--json", action="store_true", help="Print the stage's result as JSON at the end.")
 
     p = sub.add_parser("run", help="The whole pipeline as one Prefect flow (or plain Python with --no-prefect).")
     _add_common(p)
@@ -64,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Stages to redo even if current ({', '.join(STAGES)}, or all).",
     )
     p.add_argument("--no-prefect", action="store_true", help="Run the stages as plain Python, without Prefect.")
+    p.add_argument("--json", action="store_true", help="Print every stage's result as JSON at the end.")
 
     p = sub.add_parser("report", help="(Re)write runs/<name>/report.md from the run's outputs.")
     _add_common(p)
+    p.add_argument("--json", action="store_true", help="Print the report's path as JSON.")
 
     p = sub.add_parser("plan", help="Parameters, per-rank memory, FLOPs/token and ETA for the training config.")
     _add_common(p)
@@ -100,8 +125,9 @@ def _resolve(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _errors(lines: list[str]) -> int:
+    """Each line as ``error: ...`` (an indented line continues the one above); the user-error status."""
     for line in lines:
-        print(f"error: {line}", file=sys.stderr)
+        print(line if line.startswith(" ") else f"error: {line}", file=sys.stderr)
     return USER_ERROR
 
 
@@ -116,9 +142,12 @@ def _check(cfg: PipelineConfig, stages: list[str]) -> int:
 
 
 def _stages_to_run(args: argparse.Namespace) -> list[str]:
-    """The stages ``run`` or a stage command is about to start; raises ValueError on an unknown --force."""
+    """The stages ``run`` or a stage command is about to start; an unknown --force is a user error."""
     if args.command == "run":
-        forced_stages(args.force)
+        try:
+            forced_stages(args.force)
+        except ValueError as err:
+            raise UserError(f"--force: {err}") from None
         return list(STAGES)
     return [args.command] if args.command in STAGES else []
 
@@ -132,11 +161,51 @@ def _inspect(cfg: PipelineConfig, args: argparse.Namespace) -> int:
             return 0
         stats = json.loads((cfg.run_dir() / "clean" / "stats.json").read_text())
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _errors([str(err)])
     for s in funnel(stats):
         removed = f"-{s.removed:,}" if s.removed else ""
         print(f"{s.step:<16}{s.left:>12,}{removed:>12}  {s.reasons_text(limit=50) or s.note}")
+    return 0
+
+
+def _plan(cfg: PipelineConfig, as_json: bool) -> int:
+    from pretrain.plan import plan_launch
+    from pretrain_pipeline.artifacts import RunPaths
+
+    cfg, plan = plan_launch(cfg, RunPaths(cfg.run_dir()))  # with the grad accumulation a resume changes
+    print(json.dumps(plan.to_dict(), indent=2) if as_json else "\n".join(plan.lines()))
+    if not plan.fits:
+        return _errors([f"train.plan.device_memory_gb: the plan does not fit in {cfg.train.plan.device_memory_gb:g} GB per rank"])
+    return 0
+
+
+def _execute(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """A stage, the report or the whole pipeline, after the preflight found nothing in the way."""
+    configure_environment()
+    console = None if args.verbose else QuietConsole(cfg.train.max_steps)
+    if console:
+        quiet_start_up()
+    log = console.log if console else print
+    result: Any
+    with console.muted() if console else contextlib.nullcontext():
+        if args.command == "run" and not args.no_prefect:
+            from flows.pipeline import pretrain_pipeline
+
+            if console:
+                quiet_prefect(console)
+            result = pretrain_pipeline(config=cfg, force=sorted(args.force))
+        elif args.command == "run":
+            from pretrain_pipeline.stages import run_all
+
+            result = run_all(cfg, force=set(args.force), log=log)
+        elif args.command == "report":
+            from pretrain_pipeline.stages import report
+
+            result = {"report": str(report(cfg, log=log))}
+        else:
+            result = STAGE_FUNCTIONS[args.command](cfg, force=args.force, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -147,54 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = _resolve(args)
-    except ConfigError as err:
-        return _errors([str(err)])
-    if args.command == "config":
-        print(dump_config(cfg), end="")
-        return 0
-    if args.command == "inspect":
-        return _inspect(cfg, args)
-
-    if args.command == "plan":
-        from pretrain.plan import make_plan, plan_vocab_size
-        from pretrain_pipeline.artifacts import RunPaths
-
-        plan = make_plan(cfg, plan_vocab_size(cfg, RunPaths(cfg.run_dir())))
-        print(json.dumps(plan.to_dict(), indent=2) if args.json else "\n".join(plan.lines()))
-        if not plan.fits:
-            print(f"error: does not fit in train.plan.device_memory_gb={cfg.train.plan.device_memory_gb:g}", file=sys.stderr)
-            return 3
-        return 0
-
-    if args.command == "check":
-        return _check(cfg, args.stages)
-    try:
-        problems = check_stages(cfg, _stages_to_run(args)).problems
-    except ValueError as err:
-        return _errors([str(err)])
-    if problems:
-        return _errors([str(p) for p in problems])
-
-    configure_environment()
-    result: Any
-    if args.command == "run":
-        force = set(args.force)
-        if args.no_prefect:
-            from pretrain_pipeline.stages import run_all
-
-            result = run_all(cfg, force=force)
-        else:
-            from flows.pipeline import pretrain_pipeline
-
-            result = pretrain_pipeline(config=cfg, force=sorted(force))
-    elif args.command == "report":
-        from pretrain_pipeline.stages import report
-
-        result = {"report": str(report(cfg))}
-    else:
-        result = STAGE_FUNCTIONS[args.command](cfg, force=args.force)
-    print(json.dumps(result, indent=2, default=str))
-    return 0
+        if args.command == "config":
+            print(dump_config(cfg), end="")
+            return 0
+        if args.command == "inspect":
+            return _inspect(cfg, args)
+        if args.command == "plan":
+            return _plan(cfg, args.json)
+        if args.command == "check":
+            return _check(cfg, args.stages)
+        prefect = args.command == "run" and not args.no_prefect  # a stage command runs without Prefect
+        problems = check_stages(cfg, _stages_to_run(args), prefect=prefect).problems
+        if problems:
+            return _errors([str(p) for p in problems])
+        return _execute(cfg, args)
+    except UserError as err:  # raised by the config, the preflight or inside a stage: no traceback
+        return _errors(str(err).splitlines())
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pretrain_pipeline.errors import UserError
+
 
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -145,6 +147,9 @@ class BoilerplateConfig(FilterSection):
     max_nav_line_words: int = Field(6, ge=1, description="A line made only of navigation and button words counts up to this many words.")
     min_menu_block_lines: int = Field(
         4, ge=2, description="This many short capitalised lines in a row (menu entries) count as navigation lines."
+    )
+    footer_max_char_share: float = Field(
+        0.1, ge=0, le=1, description="Notice lines holding less than this share of the characters, after prose with no notice phrase, are a footer: kept."
     )
 
 
@@ -519,7 +524,7 @@ class PlanConfig(Section):
         0.0, ge=0, description="Per-device memory for the pre-launch plan; a run that needs more is refused. 0 = no check."
     )
     peak_tflops: float = Field(
-        0.0, ge=0, description="Per-device peak dense TFLOP/s for MFU. 0 = by GPU name (A100/H100/H200 bf16 dense)."
+        0.0, ge=0, description="Per-device peak dense TFLOP/s for MFU. 0 = by GPU name (A100/H100/H200 bf16 dense); the plan's ETA uses train.accelerator's when set."
     )
     planned_mfu: float = Field(0.4, gt=0, le=1, description="MFU assumed by the plan's time estimate.")
 
@@ -557,6 +562,10 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model (DeepSpeed engine.compile, inductor).")
     log_every: int = Field(10, ge=1, description="Log training loss and throughput every N steps.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    accelerator: Literal["none", "h100", "a100", "h200"] = Field(
+        "none", description="The GPU the plan's ETA is for (its datasheet bf16 dense peak at train.plan.planned_mfu), "
+        "also when planned elsewhere; none = this machine's GPU, if any."
+    )
     seed: int = Field(1337, description="Seed of model initialisation and the training data order.")
     resume: Literal["auto", "never"] = Field("auto", description="auto = continue from the latest checkpoint.")
     data_mixture: dict[str, float] = Field(
@@ -681,7 +690,7 @@ class PipelineConfig(Section):
         return self.runtime.run_dir()
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file and the field."""
 
 

@@ -192,6 +192,10 @@ def write_report(paths: RunPaths) -> Path:
                 ]
             rows.append(("token dtype", manifest.get("dtype")))
         lines += _table(rows)
+        if tok_report := _load(paths.tokenizer / "report.json"):
+            from data_prep.tokenizer_report import report_markdown
+
+            lines.append(report_markdown(tok_report, level=3))
     else:
         lines += ["(not run)", ""]
 

@@ -31,30 +31,36 @@ def forced_stages(force: Iterable[str]) -> set[str]:
     return set(STAGES) if "all" in force else force
 
 
+def _figure(value: Any) -> str:
+    """A metric for a summary line: four significant digits (the files keep every digit)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _result(obj: Any) -> dict[str, Any]:
     return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
 
 
 def clean(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[str, Any]:
     from data_prep.clean import clean_corpus
-    from data_prep.ray_runtime import ray_session
 
     paths = prepare_run(cfg)
-    with ray_session(cfg.runtime):
-        result = _result(clean_corpus(cfg, paths, force=force))
+    # clean_corpus starts Ray only when it has work: a current stage skips in a second.
+    result = _result(clean_corpus(cfg, paths, force=force))
     log(f"clean: {result.get('docs_in')} documents in, {result.get('kept')} kept -> {paths.clean}")
     return result
 
 
 def tokenize(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[str, Any]:
-    from data_prep.ray_runtime import ray_session
-    from data_prep.shards import write_shards
+    from data_prep.shards import encode_runner, write_shards
     from data_prep.tokenizer import train_tokenizer
+    from data_prep.tokenizer_report import write_tokenizer_report
 
     paths = prepare_run(cfg)
-    with ray_session(cfg.runtime):
+    # The encode workers start first, so they are up by the time the tokenizer is trained.
+    with encode_runner(cfg, paths) as runner:
         tok = _result(train_tokenizer(cfg, paths, force=force))
-        shards = _result(write_shards(cfg, paths, force=force))
+        shards = _result(write_shards(cfg, paths, force=force, runner=runner))
+    tok["report"] = str(write_tokenizer_report(paths))
     source = f" (tokenizer of run {tok['from_run']!r})" if tok.get("from_run") else ""
     log(
         f"tokenize: vocab {tok.get('vocab_size')}{source}, "
@@ -68,7 +74,7 @@ def train(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict[st
 
     paths = prepare_run(cfg)
     result = _result(launch_training(cfg, paths, force=force, log=log))
-    log(f"train: {result.get('steps')} steps, final loss {result.get('final_loss')}")
+    log(f"train: {result.get('steps')} steps, final loss {_figure(result.get('final_loss'))}")
     return result
 
 
@@ -77,7 +83,8 @@ def evaluate(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict
 
     paths = prepare_run(cfg)
     result = _result(run_eval(cfg, paths, force=force))
-    log(f"evaluate: val loss {result.get('loss')}, ppl {result.get('perplexity')}, bpb {result.get('bits_per_byte')}"
+    log(f"evaluate: val loss {_figure(result.get('loss'))}, ppl {_figure(result.get('perplexity'))}, "
+        f"bpb {_figure(result.get('bits_per_byte'))}"
         + "".join(f"; {task} {metrics}" for task, metrics in (result.get("lm_eval") or {}).items()))
     return result
 

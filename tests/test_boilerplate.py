@@ -65,11 +65,28 @@ def test_notice_lines_inside_prose_do_not_count(default_filter) -> None:
 
 
 def test_thresholds_come_from_the_config_section() -> None:
-    page = "An article paragraph that is long enough to be prose and ends with a full stop.\nShare\nTweet"
+    page = "A short note.\nShare\nTweet"
     cfg = DataConfig()
     assert _dropped(Boilerplate(**cfg.boilerplate.params()), page)  # 2 of 3 lines
     strict = cfg.boilerplate.model_copy(update={"max_notice_line_ratio": 0.9})
     assert not _dropped(Boilerplate(**strict.params()), page)
+
+
+def test_share_buttons_under_an_article_are_a_footer(default_filter) -> None:
+    article = ("The river ferry resumed its summer timetable on Monday after the spring floods had closed the "
+               "landing for six weeks.\nThe operator said the new pontoon should keep it running at higher water.")
+    buttons = "\nShare\nTweet\nEmail"  # 3 of 5 lines, a few percent of the characters
+    assert not _dropped(default_filter, article + buttons)
+    no_footer = DataConfig().boilerplate.model_copy(update={"footer_max_char_share": 0.0})
+    assert _dropped(Boilerplate(**no_footer.params()), article + buttons)
+    # The same buttons under a consent notice too long to count as a notice line (over 40 words): it
+    # still carries a notice phrase, so the buttons are a banner's, not an article's footer.
+    notice = ("This website stores cookies on your computer. These cookies are used to collect information about how "
+              "you interact with our website and allow us to remember you, to improve and customise your browsing "
+              "experience and for analytics about our visitors on this website and other media.\nIf you decline, your "
+              "information will not be tracked when you visit this website, and a single cookie will remember that choice.")
+    assert not default_filter.is_boilerplate_line(notice.split("\n")[0])
+    assert _dropped(default_filter, notice + buttons)
 
 
 def test_default_chain_drops_with_its_own_reason_and_spares_docstrings(tmp_path) -> None:

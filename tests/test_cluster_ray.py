@@ -38,7 +38,7 @@ def _config(tmp_path: Path, run_name: str) -> Path:
 
 def _stage(args: list[str], tmp_path: Path, env: dict[str, str]) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain_pipeline.cli", *args],
+        [sys.executable, "-m", "pretrain_pipeline.cli", *args, "--json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -333,7 +333,7 @@ def test_lm_eval_runs_local_tasks_on_checkpoint_and_export(run, task_dir, monkey
 
     cfg, paths = run
     hf_dir = export(cfg, paths).hf_dir
-    tasks = TaskManager(include_path=str(task_dir))
+    tasks = TaskManager(include_path=str(task_dir), include_defaults=False)  # not lm-eval's thousands
     scores = {}
     for args in (f"run_dir={paths.root}", f"pretrained={hf_dir}"):
         out = lm_eval.simple_evaluate(
@@ -390,7 +390,7 @@ def test_evaluate_stage_runs_configured_lm_eval_tasks(run, task_dir, tmp_path, m
     assert not ev.skipped and sorted(ev.lm_eval) == sorted(names)
     # The same numbers as lm-eval's own run of the adapter over the checkpoint.
     direct = lm_eval.simple_evaluate(model="pretrain-pipeline", model_args=f"run_dir={paths.root}", tasks=names,
-                                     task_manager=TaskManager(include_path=str(tasks)), log_samples=False)["results"]
+                                     task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=False)["results"]
     assert ev.lm_eval["tiny_choice"]["acc"] == direct["tiny_choice"]["acc,none"]
     bpb = direct["tiny_rolling"]["bits_per_byte,none"]
     assert ev.lm_eval["tiny_rolling"]["bits_per_byte"] == pytest.approx(bpb, rel=1e-6)

@@ -132,15 +132,27 @@ def _artifacts(client, flow_run_id):
 
 
 @pytest.fixture(scope="module")
-def two_runs(prefect_stack, client):
+def first_run(prefect_stack, client):
     dep = _deployment(client, "pretrain-pipeline/e2e", prefect_stack["serve"], prefect_stack["serve_log"])
-    first = _run_to_end(client, dep.id, prefect_stack)
-    second = _run_to_end(client, dep.id, prefect_stack)
-    return dep, first, second
+    return dep, _run_to_end(client, dep.id, prefect_stack)
 
 
-def test_first_run_completes_every_stage_with_artifacts(prefect_stack, client, two_runs):
-    _, first, _ = two_runs
+# Runs the UI test submitted from the deployment form (a second run: every stage current).
+_FORM_RUNS: list = []
+
+
+@pytest.fixture(scope="module")
+def rerun(prefect_stack, client, first_run):
+    """A second run of the deployment: the one the UI test submitted from the form if it ran
+    (tests run in file order), else one created through the API."""
+    dep, _ = first_run
+    if _FORM_RUNS:
+        return client.read_flow_run(_FORM_RUNS[0])
+    return _run_to_end(client, dep.id, prefect_stack)
+
+
+def test_first_run_completes_every_stage_with_artifacts(prefect_stack, client, first_run):
+    _, first = first_run
     assert first.state.is_completed(), f"{first.state}\n{prefect_stack['serve_log'].read_text()[-4000:]}"
     states = _task_states(client, first.id)
     for stage in (*STAGES, "report"):
@@ -160,6 +172,7 @@ def test_first_run_completes_every_stage_with_artifacts(prefect_stack, client, t
     assert "\n- `" in arts["e2e-dropped-examples"].data, arts["e2e-dropped-examples"].data  # one example at least
     manifest = {row["split"]: row for row in json.loads(arts["e2e-shard-manifest"].data)}
     assert manifest["train"]["tokens"] > 0 and manifest["val"]["tokens"] > 0, manifest
+    assert "| byte-fallback rate |" in arts["e2e-tokenizer-report"].data, sorted(arts)
     metrics = {row["metric"]: row["value"] for row in json.loads(arts["e2e-final-metrics"].data)}
     assert metrics["perplexity"] > 1 and metrics["bits_per_byte"] > 0, metrics
     # Prefect stores link artifacts as markdown "[text](url)".
@@ -168,17 +181,8 @@ def test_first_run_completes_every_stage_with_artifacts(prefect_stack, client, t
         assert f"({run_dir.resolve().as_uri()}/" in arts["e2e-wandb"].data, arts["e2e-wandb"].data
 
 
-def test_rerun_skips_every_current_stage(client, two_runs):
-    _, _, second = two_runs
-    assert second.state.is_completed(), second.state
-    arts = _artifacts(client, second.id)
-    for stage in STAGES:
-        body = arts[f"e2e-{stage}"].data
-        assert "| skipped | True |" in body and "| skipped | False |" not in body, (stage, body)
-
-
-def test_bad_parameter_is_refused_before_anything_runs(client, two_runs):
-    dep, _, _ = two_runs
+def test_bad_parameter_is_refused_before_anything_runs(client, first_run):
+    dep, _ = first_run
     from prefect.exceptions import PrefectHTTPStatusError
 
     bad = dict(dep.parameters)
@@ -196,15 +200,17 @@ CHROMIUM_ARGS = [
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (apt-get install chromium)")
-def test_ui_runs_the_deployment_from_its_form(prefect_stack, client, two_runs, tmp_path):
+def test_ui_runs_the_deployment_from_its_form(prefect_stack, client, first_run, tmp_path):
     """What a person does: open the UI, find the deployment, Run -> Custom run, submit the form
-    (the typed config with its defaults), watch the run reach Completed. Everything is current
-    after the runs above, so the run only checks fingerprints."""
+    (the typed config with its defaults), watch the run reach Completed, then look at its task
+    runs and its artifacts: the filter funnel and the dropped examples. Everything is current
+    after the first run, so this run only checks fingerprints (its artifacts are published anyway);
+    test_rerun_skips_every_current_stage then checks it skipped every stage."""
     from playwright.sync_api import expect, sync_playwright
 
-    dep, _, _ = two_runs
+    dep, _ = first_run
     ui = prefect_stack["api"].removesuffix("/api")
-    shot = Path(os.environ.get("PREFECT_UI_SCREENSHOT", tmp_path / "prefect-ui-run.png"))
+    shots = Path(os.environ.get("PREFECT_UI_SCREENSHOTS", tmp_path))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -227,7 +233,7 @@ def test_ui_runs_the_deployment_from_its_form(prefect_stack, client, two_runs, t
                 time.sleep(1)
                 new = _deployment_run_ids(client, dep.id) - before
             if not new:
-                page.screenshot(path=str(shot.with_name("prefect-ui-submit-failed.png")), full_page=True)
+                page.screenshot(path=str(shots / "prefect-ui-submit-failed.png"), full_page=True)
             assert len(new) == 1, "submitting the form created no flow run"
             run_id = new.pop()
             page.goto(f"{ui}/runs/flow-run/{run_id}")
@@ -237,12 +243,55 @@ def test_ui_runs_the_deployment_from_its_form(prefect_stack, client, two_runs, t
             page.reload()
             # The run's state badge (exact text; log lines also say "Completed()").
             expect(page.get_by_text("Completed", exact=True).first).to_be_visible(timeout=60_000)
-            page.screenshot(path=str(shot), full_page=True)
+            _ui_run_pages(page, shots)
         finally:
             browser.close()
     run = client.read_flow_run(run_id)
     assert run.deployment_id == dep.id and run.state.is_completed(), run.state
-    assert shot.stat().st_size > 10_000
+    _FORM_RUNS.append(run_id)
+    for name in UI_SHOTS:
+        assert (shots / name).stat().st_size > 10_000, name
+
+
+UI_SHOTS = ("prefect-ui-run.png", "prefect-ui-artifacts.png", "prefect-ui-funnel.png", "prefect-ui-dropped.png")
+
+
+def _ui_run_pages(page, shots: Path) -> None:
+    """On the open flow run page: its Task Runs tab (every stage's task, completed), its Artifacts
+    tab (keyed by run name), then the funnel table and the dropped examples; one screenshot each.
+    The page scrolls inside its own pane, so each shot sets a viewport tall enough for it."""
+    import re
+
+    from playwright.sync_api import expect
+
+    page.locator("li.p-tab", has_text="Task Runs").click()
+    for stage in (*STAGES, "report"):  # task run names are "<task>-<3 hex digits>"
+        expect(page.get_by_role("link", name=re.compile(rf"^{stage}-[0-9a-f]+$")).first).to_be_visible()
+    page.set_viewport_size({"width": 1400, "height": 1500})
+    page.screenshot(path=str(shots / UI_SHOTS[0]))
+    page.locator("li.p-tab", has_text="Artifacts").click()
+    for key in ("e2e-filter-funnel", "e2e-dropped-examples", "e2e-shard-manifest", "e2e-final-metrics"):
+        expect(page.get_by_text(key, exact=True).last).to_be_visible()
+    page.set_viewport_size({"width": 1400, "height": 2000})
+    page.screenshot(path=str(shots / UI_SHOTS[1]))
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.get_by_text("e2e-filter-funnel", exact=True).last.click()
+    for step in ("input", "repair", "kept"):  # rows of the funnel table
+        expect(page.locator(".artifact-data-table__cell").get_by_text(step, exact=True).first).to_be_visible()
+    page.screenshot(path=str(shots / UI_SHOTS[2]))
+    page.go_back()
+    page.locator("li.p-tab", has_text="Artifacts").click()
+    page.get_by_text("e2e-dropped-examples", exact=True).last.click()
+    expect(page.get_by_role("heading", name=re.compile("Dropped documents of run")).first).to_be_visible()
+    page.screenshot(path=str(shots / UI_SHOTS[3]))
+
+
+def test_rerun_skips_every_current_stage(client, rerun):
+    assert rerun.state.is_completed(), rerun.state
+    arts = _artifacts(client, rerun.id)
+    for stage in STAGES:
+        body = arts[f"e2e-{stage}"].data
+        assert "| skipped | True |" in body and "| skipped | False |" not in body, (stage, body)
 
 
 def _deployment_run_ids(client, deployment_id) -> set:
@@ -267,7 +316,7 @@ def _training_pids(run_dir: Path) -> set[int]:
     return pids
 
 
-def test_cancelling_a_training_run_stops_the_training_job(prefect_stack, client, two_runs):
+def test_cancelling_a_training_run_stops_the_training_job(prefect_stack, client, first_run):
     """Cancel from the API as the UI's Cancel button does; the torchrun process group must go."""
     from prefect.states import Cancelling
 

@@ -255,6 +255,9 @@ def test_sample_digest_names_the_set():
 # ---------------------------------------------------------------- through the launcher
 
 
+MIXTURE = {"web": 0.6, "books": 0.4}
+
+
 def launch_cfg(paths, **train):
     from pretrain_pipeline.config import build_config, merge_tree
 
@@ -266,7 +269,7 @@ def launch_cfg(paths, **train):
             "micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 6, "log_every": 1, "device": "cpu",
             "precision": "fp32", "zero": {"stage": 0}, "launch": {"nproc_per_node": 1},
             "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2, "min_lr": 3e-4},
-            "validation": {"every": 100, "batches": 1}, "checkpoint": {"every": 3},
+            "validation": {"every": 100, "batches": 1}, "checkpoint": {"every": 3}, "data_mixture": MIXTURE,
         }, train),
         "tracking": {"wandb_mode": "disabled"},
         "runtime": {"run_name": paths.root.name, "runs_root": str(paths.root.parent)},
@@ -274,9 +277,11 @@ def launch_cfg(paths, **train):
 
 
 @pytest.mark.integration
-def test_resume_on_two_ranks_keeps_the_global_batch_and_reads_the_same_samples(tmp_path, monkeypatch):
-    """1 rank x accumulation 2, resumed on 2 ranks: the launch picks accumulation 1, and every later
-    step reads the uninterrupted run's samples (hashes) with its loss (fp32, ZeRO-0 resumes anywhere)."""
+def test_mixture_resumed_on_two_ranks_keeps_the_global_batch_and_reads_the_same_samples(tmp_path, monkeypatch):
+    """A two-source train.data_mixture on 1 rank x accumulation 2, resumed on 2 ranks: the launch picks
+    accumulation 1, and every later step reads the uninterrupted run's samples (hashes of the global
+    ids, which name the source) with its loss (fp32, ZeRO-0 resumes anywhere)."""
+    from pretrain.checkpoint import load_client_state
     from pretrain.launch import launch_training
     from pretrain.tracking import losses_by_step, metrics_by_step
     from pretrain.trainer import SAMPLE_HASH_ENV
@@ -285,8 +290,9 @@ def test_resume_on_two_ranks_keeps_the_global_batch_and_reads_the_same_samples(t
     monkeypatch.setenv("PRETRAIN_PIPELINE_STATE", str(tmp_path / "state"))
     monkeypatch.setenv(SAMPLE_HASH_ENV, "1")
     straight, moved = RunPaths(tmp_path / "runs" / "straight"), RunPaths(tmp_path / "runs" / "moved")
-    for paths in (straight, moved):
-        make_synthetic_run(paths.root)
+    make_synthetic_run(straight.root)
+    for copy in (moved.root, *(tmp_path / "runs" / source for source in MIXTURE)):  # one tokenizer, as a mixture needs
+        shutil.copytree(straight.root, copy)
     launch_training(launch_cfg(straight), straight, log=lambda _: None)
     launch_training(launch_cfg(moved, max_steps=3), moved, log=lambda _: None)
     # 3 ranks: 8 samples = 4 x 2 x 1 rank fits no accumulation; refused before any process starts.
@@ -305,6 +311,8 @@ def test_resume_on_two_ranks_keeps_the_global_batch_and_reads_the_same_samples(t
     hashes = {p: {s: r["data/sample_hash"] for s, r in metrics_by_step(p.metrics, "data/sample_hash").items()}
               for p in (straight, moved)}
     assert sorted(hashes[moved]) == list(range(1, 7)) and hashes[moved] == hashes[straight]
+    data = load_client_state(moved.checkpoints)["data"]
+    assert data["mixture"] == MIXTURE and min(data["counts"].values()) > 0  # both sources were read
     assert len(set(hashes[straight].values())) == 6
     expected, got = losses_by_step(straight.metrics), losses_by_step(moved.metrics)
     assert sorted(got) == list(range(1, 7))

@@ -157,7 +157,7 @@ def test_cli_report_and_funnel_show_what_was_dropped(cleaned_run, tmp_path, caps
     assert main(["inspect", "-c", str(config), "--reason", "language:fr", "-n", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("language:fr  score 0.") and "  id french  " in out and f"\n    {FRENCH[:40]}" in out
-    assert main(["inspect", "-c", str(config), "--reason", "no_such_filter"]) == 1
+    assert main(["inspect", "-c", str(config), "--reason", "no_such_filter"]) == 2
     assert "no dropped document has reason 'no_such_filter'" in capsys.readouterr().err
     assert main(["inspect", "-c", str(config)]) == 0
     steps = [line.split()[0] for line in capsys.readouterr().out.splitlines()]

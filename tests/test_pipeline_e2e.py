@@ -65,7 +65,7 @@ def _run_cli(args, tmp_path):
     }
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain_pipeline.cli", *args],
+        [sys.executable, "-m", "pretrain_pipeline.cli", *args, "--json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"

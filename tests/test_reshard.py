@@ -7,7 +7,8 @@ afterwards must equal, exactly and parameter by parameter, what A's engine held 
 from the live engines with DeepSpeed's ``safe_get_full_*`` (not from the files the converter reads).
 Both then take one more step on the same global batch: their weights agree up to reduction order.
 
-The ranks are this file run under torchrun (``worker`` below).
+The ranks are this file run under torchrun (``worker`` below); one launch per world size trains
+every source topology, and one per world size loads every case, each job on a fresh engine.
 """
 
 from __future__ import annotations
@@ -74,25 +75,37 @@ def train_step(engine, step: int, rank: int, world: int) -> None:
 def worker(args) -> None:
     import torch.distributed as dist
 
-    from pretrain.checkpoint import save_checkpoint
     from pretrain.distributed import init_distributed
+
+    init_distributed("gloo")
+    for job in args.job:  # "<stage>[o]:<dir>", o = optimizer offload
+        stage, _, workdir = job.partition(":")
+        run_job(args.phase, int(stage.rstrip("o")), stage.endswith("o"), Path(workdir))
+    dist.destroy_process_group()
+
+
+def run_job(phase: str, stage: int, offload: bool, out: Path) -> None:
+    """Train and save, or convert and load, in ``out`` on a fresh engine of ``stage``; rank 0 saves
+    what the engine held to ``out/<phase>.pt``."""
+    import torch.distributed as dist
+
+    from pretrain.checkpoint import save_checkpoint
     from pretrain.engine import build_engine, effective_zero_stage
     from pretrain.model import GPT
     from pretrain.reshard import convert_checkpoint, converted_dir, load_into_engine, optimizer_param_names
     from pretrain_pipeline.config import ModelConfig, TrainConfig
 
-    init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     tc = TrainConfig.model_validate({
         "micro_batch_size": GLOBAL_BATCH // world, "device": "cpu", "optimizer": {"lr": 3e-3},
         "schedule": {"warmup_steps": 1, "kind": "constant"},
-        "zero": {"stage": args.stage, "offload_optimizer": args.offload}})
-    torch.manual_seed(0 if args.phase == "train" else 1234)  # the loaded run starts from other weights
+        "zero": {"stage": stage, "offload_optimizer": offload}})
+    torch.manual_seed(0 if phase == "train" else 1234)  # the loaded run starts from other weights
     model = GPT(ModelConfig.model_validate({"preset": "tiny", "block_size": BLOCK}), VOCAB)
     names = optimizer_param_names(model)  # before ZeRO-3 partitions the model
     engine = build_engine(model, tc, world)
-    out, checkpoints = Path(args.dir), Path(args.dir) / "checkpoints"
-    if args.phase == "train":
+    checkpoints = out / "checkpoints"
+    if phase == "train":
         for step in range(STEPS):
             train_step(engine, step, rank, world)
         client = {"step": STEPS, "world_size": world, "zero_stage": effective_zero_stage(tc, world)}
@@ -107,21 +120,44 @@ def worker(args) -> None:
     train_step(engine, STEPS, rank, world)  # one more step on the same global batch
     after = {name: value["fp32"] for name, value in engine_state(engine).items()}
     if rank == 0:
-        torch.save({"state": state, "after": after}, out / f"{args.phase}.pt")
+        torch.save({"state": state, "after": after}, out / f"{phase}.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    del engine, model  # the next job builds its own
+
+
+def run_phase(phase: str, world: int, jobs: dict[Path, str]) -> dict[Path, dict]:
+    """One torchrun of ``world`` ranks doing ``jobs`` (directory -> "<stage>[o]"), in order."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), __file__,
+           "--phase", phase] + [a for workdir, stage in jobs.items() for a in ("--job", f"{stage}:{workdir}")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return {workdir: torch.load(workdir / f"{phase}.pt", weights_only=True) for workdir in jobs}
+
+
+SOURCES = [(1, 0), (2, 1), (2, 2), (2, 3)]
+# (source, target); a target (world, stage, True) offloads the optimizer. ZeRO-3 jobs last in a launch.
+CASES = {
+    "2r-zero2_to_1r-zero0": ((2, 2), (1, 0)),
+    "2r-zero3_to_1r-zero0": ((2, 3), (1, 0)),
+    "2r-zero3_to_2r-zero2-offload-optimizer": ((2, 3), (2, 2, True)),
+    "1r-zero0_to_2r-zero3": ((1, 0), (2, 3)),
+    "2r-zero1_to_2r-zero3": ((2, 1), (2, 3)),
+}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """``trained(world, stage, into)``: a copy in ``into`` of the run trained on that topology (each
-    topology trains once per module) and what its engine held when it saved."""
+    """``trained(world, stage, into)``: a copy in ``into`` of the run trained on that topology and
+    what its engine held when it saved. Every topology trains once, one launch per world size."""
     runs: dict[tuple[int, int], tuple[Path, dict]] = {}
+    for world in (1, 2):
+        jobs = {tmp_path_factory.mktemp(f"train_{w}r_zero{s}"): str(s) for w, s in SOURCES if w == world}
+        held = run_phase("train", world, jobs)
+        for (workdir, stage), saved in zip(jobs.items(), held.values()):
+            runs[world, int(stage)] = workdir, saved
 
     def copy_of(world: int, stage: int, into: Path) -> dict:
-        if (world, stage) not in runs:
-            workdir = tmp_path_factory.mktemp(f"train_{world}r_zero{stage}")
-            runs[world, stage] = workdir, run_phase(workdir, "train", world, stage)
         workdir, saved = runs[world, stage]
         shutil.copytree(workdir / "checkpoints", into / "checkpoints")
         return saved
@@ -129,24 +165,27 @@ def trained(tmp_path_factory):
     return copy_of
 
 
-def run_phase(workdir: Path, phase: str, world: int, stage: int, offload: bool = False) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), __file__,
-           "--phase", phase, "--stage", str(stage), "--dir", str(workdir)] + (["--offload"] if offload else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return torch.load(workdir / f"{phase}.pt", weights_only=True)
+@pytest.fixture(scope="module")
+def loaded(trained, tmp_path_factory):
+    """Case id -> (its directory, what the source engine held, what the target engine held)."""
+    out = {}
+    for world in (1, 2):
+        jobs, saved = {}, {}
+        for case, (source, target) in CASES.items():
+            if target[0] == world:
+                workdir = tmp_path_factory.mktemp(case)
+                saved[workdir] = case, trained(*source, workdir)
+                jobs[workdir] = f"{target[1]}{'o' if target[2:] else ''}"
+        for workdir, held in run_phase("load", world, jobs).items():
+            case, source_held = saved[workdir]
+            out[case] = workdir, source_held, held
+    return out
 
 
-@pytest.mark.parametrize(
-    "source,target",
-    [((2, 2), (1, 0)), ((1, 0), (2, 3)), ((2, 1), (2, 3)), ((2, 3), (1, 0)), ((2, 3), (2, 2, True))],
-    ids=["2r-zero2_to_1r-zero0", "1r-zero0_to_2r-zero3", "2r-zero1_to_2r-zero3", "2r-zero3_to_1r-zero0",
-         "2r-zero3_to_2r-zero2-offload-optimizer"],
-)
-def test_optimizer_state_moves_exactly_between_topologies(source, target, trained, tmp_path):
-    saved = trained(*source, tmp_path)
-    loaded = run_phase(tmp_path, "load", *target)
+@pytest.mark.parametrize("case", list(CASES))
+def test_optimizer_state_moves_exactly_between_topologies(case, loaded):
+    source, _ = CASES[case]
+    workdir, saved, loaded = loaded[case]
     assert sorted(saved["state"]) == sorted(loaded["state"]) and len(saved["state"]) > 10
     for name, want in saved["state"].items():
         got = loaded["state"][name]
@@ -159,7 +198,7 @@ def test_optimizer_state_moves_exactly_between_topologies(source, target, traine
     # 3e-3 update: the bound is 1/300 of the update, not a relative one.
     for name, want in saved["after"].items():
         torch.testing.assert_close(loaded["after"][name], want, rtol=1e-5, atol=1e-5, msg=name)
-    record = json.loads((tmp_path / "record.json").read_text())
+    record = json.loads((workdir / "record.json").read_text())
     assert (record["source_world_size"], record["source_zero_stage"], record["reused"]) == (*source, False)
 
 
@@ -202,9 +241,7 @@ def test_zero0_conversion_needs_the_parameter_names(trained, tmp_path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--phase", choices=["train", "load"], required=True)
-    parser.add_argument("--stage", type=int, required=True)
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--job", action="append", required=True, help="<stage>[o]:<dir>, o = optimizer offload")
     parser.add_argument("--local_rank", type=int, default=None)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     worker(parser.parse_args())

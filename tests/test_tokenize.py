@@ -1,10 +1,12 @@
 """Tokenizer training and shard encoding without Ray: Llama-like settings, round-trips,
-determinism, long lines, user-defined symbols, the uint32 token path."""
+determinism, long lines, user-defined symbols, the uint32 token path, the sample's draws, giant
+documents cut into pieces and joined back."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import random
 
 import pytest
 
@@ -13,10 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from data_prep.shards import ShardWriter, encode_row_groups, read_shard_tokens, shard_schema, token_type
-from data_prep.tokenizer import _train, sample_lines, split_long_line, trainer_settings
-from pretrain_pipeline.artifacts import sha256_file
-from pretrain_pipeline.config import TokenizerConfig
+from data_prep import shards as shards_mod
+from data_prep.ray_runtime import LocalRunner, ProcessPoolRunner
+from data_prep.shards import (ShardWriter, encode_parts, encode_row_groups, encode_runner, line_cuts, read_shard_tokens,
+                              shard_schema, splits_at_newlines, token_type, work_items)
+from data_prep.tokenizer import RandrangeDraws, _train, sample_lines, split_long_line, trainer_settings
+from pretrain_pipeline.artifacts import RunPaths, sha256_file
+from pretrain_pipeline.config import PipelineConfig, TokenizerConfig
 
 # Real English prose: the docstrings of the standard library (shipped with every Python).
 MODULES = ["argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools",
@@ -149,8 +154,8 @@ def test_uint32_shard_is_written_and_read_back(trained, tmp_path):
     texts = TEXTS + _corpus()[:20]
     part = tmp_path / "part-00000.parquet"
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), part, row_group_size=10)
-    item = json.dumps([[str(part), list(range(pq.ParquetFile(part).num_row_groups))]])
-    table = encode_row_groups(item, str(model), sha256_file(model), 70_000, 1)
+    item = json.dumps([{"part": str(part), "groups": list(range(pq.ParquetFile(part).num_row_groups))}])
+    (table,) = encode_row_groups(item, str(model), sha256_file(model), 70_000, 1)
     assert table.schema == shard_schema(70_000)
     writer = ShardWriter(tmp_path, "train", shard_schema(70_000), target_bytes=1 << 30)
     writer.add(table)
@@ -163,3 +168,101 @@ def test_uint32_shard_is_written_and_read_back(trained, tmp_path):
         assert tokens[offsets[i] : offsets[i + 1]].tolist() == sp.encode(text) + [sp.eos_id()]
     ds = datasets.Dataset.from_file(str(tmp_path / entry["file"]))
     assert ds.features["input_ids"].feature.dtype == "uint32" and ds[1]["input_ids"] == sp.encode(texts[1]) + [2]
+
+
+def _reservoir_with_randrange(texts, max_lines, max_bytes, seed):
+    """The textbook reservoir sample: what ``sample_lines`` must return, draw for draw."""
+    rng, reservoir, seen = random.Random(seed), [], 0
+    for doc, text in enumerate(texts):
+        for raw in text.split("\n"):
+            for line in split_long_line(raw, max_bytes) if raw.strip() else []:
+                if len(reservoir) < max_lines:
+                    reservoir.append((seen, line, doc))
+                elif (j := rng.randrange(seen + 1)) < max_lines:
+                    reservoir[j] = (seen, line, doc)
+                seen += 1
+    return [line for _, line, _ in sorted(reservoir)], len({doc for *_, doc in reservoir})
+
+
+@pytest.mark.parametrize("max_lines", [100, 3000, 10**6])
+def test_sample_draws_what_randrange_draws(max_lines):
+    docs = _corpus() + ["x" * 3000 + "\n" + "é" * 900, " \n\t\n", ""]
+    sample = sample_lines(iter(docs), max_lines, 512, seed=5)
+    assert (sample, sample.documents) == _reservoir_with_randrange(docs, max_lines, 512, 5)
+
+
+def test_bulk_draws_are_randranges_draw_for_draw():
+    """Across bit lengths (also past 2**32, drawn word by word) and continued from batch to batch."""
+    for seed in (0, 7):
+        rng, draws = random.Random(seed), RandrangeDraws(seed)
+        for n0, count in ((1, 3000), (5000, 70_000), ((1 << 32) - 3, 6)):
+            assert draws.below(n0, count).tolist() == [rng.randrange(n0 + i) for i in range(count)]
+
+
+def _giant_document() -> str:
+    # Lines that start with spaces, blank lines, digits and non-Latin text: every way a line can start.
+    return "\n".join(TEXTS + _corpus()[:150]) + "\n\n  trailing line"
+
+
+@pytest.mark.parametrize("n_pieces", [1, 2, 7])
+def test_document_pieces_join_back_to_the_ids_of_the_whole(trained, tmp_path, n_pieces):
+    import sentencepiece as spm
+
+    out, _ = trained
+    model = out / "a.model"
+    assert splits_at_newlines(model)
+    doc = _giant_document()
+    cuts = line_cuts(doc, n_pieces)
+    assert cuts[0] == 0 and cuts[-1] == len(doc) and all(doc[c - 1] == "\n" for c in cuts[1:-1])
+    part = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"id": ["before", "giant"], "text": ["x", doc]}), part)
+    items = [json.dumps([{"part": str(part), "group": 0, "row": 1, "piece": i, "of": n_pieces}]) for i in range(n_pieces)]
+    pieces = [piece for item in items for piece in encode_row_groups(item, str(model), sha256_file(model), 1000, 1)]
+    assert [last for _, last in pieces] == [None] * (n_pieces - 1) + [("giant", len(doc.encode("utf-8")))]
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert np.concatenate([ids for ids, _ in pieces]).tolist() == sp.encode(doc, add_eos=True)
+
+
+def test_a_model_without_byte_fallback_is_never_cut(trained, tmp_path):
+    """Without byte fallback a run of unknown characters ("\n\n") is one <unk>; cut inside the
+    run it would be two, so such a model encodes every document whole."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    out, _ = trained
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((out / "a.model").read_bytes())
+    proto.trainer_spec.byte_fallback = False
+    (tmp_path / "no_fallback.model").write_bytes(proto.SerializeToString())
+    assert splits_at_newlines(out / "a.model")
+    assert not splits_at_newlines(tmp_path / "no_fallback.model")
+
+
+def test_giant_documents_are_cut_into_tasks_and_joined_in_order(trained, tmp_path, monkeypatch):
+    """``encode_parts`` in process: a document over the piece size spreads over several tasks;
+    the row-group tables that come back hold what encoding each document whole gives."""
+    import sentencepiece as spm
+
+    out, _ = trained
+    model = out / "a.model"
+    monkeypatch.setattr(shards_mod, "MIN_PIECE_BYTES", 4096)
+    texts = _corpus()[:40] + [_giant_document()] + _corpus()[40:60] + [_giant_document()[::-1]]
+    part = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts}), part, row_group_size=25)
+    items = work_items([part], cpus=2)
+    assert sum('"piece"' in item for item in items) >= 4
+    tables = list(encode_parts([part], str(model), sha256_file(model), 1000, LocalRunner()))
+    assert [t.num_rows for t in tables] == [25, 25, 12]
+    table = pa.concat_tables(tables)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert table.column("id").to_pylist() == [f"d{i}" for i in range(len(texts))]
+    assert table.column("input_ids").to_pylist() == sp.encode(texts, add_eos=True)
+    assert table.column("n_bytes").to_pylist() == [len(t.encode("utf-8")) for t in texts]
+
+
+def test_a_small_local_corpus_is_encoded_without_ray(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    paths.clean.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"], "text": ["one document"]}), paths.clean / "part-00000.parquet")
+    cfg = PipelineConfig.model_validate({"data": {"sample_corpus": True}, "runtime": {"num_cpus": 2}})
+    with encode_runner(cfg, paths) as runner:
+        assert isinstance(runner, ProcessPoolRunner) and runner.cpus() == 2

@@ -1,4 +1,5 @@
-"""Shard writing resumes after a crash: only missing shards are written, the result is identical."""
+"""Shard writing resumes after a crash: only missing shards are written, the result is identical;
+a process pool and Ray write the same shards."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep import shards as shards_mod
+from data_prep.ray_runtime import process_pool_runner, ray_runner
 from data_prep.shards import write_shards
 from data_prep.tokenizer import train_tokenizer
 from pretrain_pipeline.artifacts import RunPaths, mark_stage_done, read_json, sha256_file
-from pretrain_pipeline.config import PipelineConfig, RuntimeConfig
+from pretrain_pipeline.config import PipelineConfig
 
 
 def _docstrings() -> list[str]:
@@ -30,11 +32,10 @@ def _files(d):
     return {p.name: sha256_file(p) for p in sorted(d.glob("*.arrow"))}
 
 
-def test_rerun_after_crash_writes_only_missing_shards(ray_cluster, tmp_path, monkeypatch):
-    # A clean stage output (as clean.py leaves it), then the real tokenizer stage.
-    paths = RunPaths(tmp_path / "run")
+def _tokenized_run(root, docs: list[str]) -> tuple[PipelineConfig, RunPaths]:
+    """A clean stage output (as clean.py leaves it), then the real tokenizer stage."""
+    paths = RunPaths(root)
     paths.clean.mkdir(parents=True)
-    docs = _docstrings()
     for p in range(3):
         chunk = docs[p::3]
         ids = [f"d{p}-{i:05d}" for i in range(len(chunk))]
@@ -45,6 +46,27 @@ def test_rerun_after_crash_writes_only_missing_shards(ray_cluster, tmp_path, mon
          "runtime": {"num_cpus": 2}, "data": {"sample_corpus": True}}
     )
     train_tokenizer(cfg, paths)
+    return cfg, paths
+
+
+def test_process_pool_and_ray_write_the_same_shards(ray_cluster, tmp_path, monkeypatch):
+    """The two places encode tasks run (a local pool without Ray, Ray tasks), with documents
+    big enough to be cut into pieces: the same bytes, manifest included."""
+    docs = _docstrings()
+    docs[5] = "\n".join(docs[:200])  # giant: cut into pieces across tasks
+    cfg, paths = _tokenized_run(tmp_path / "run", docs)
+    monkeypatch.setattr(shards_mod, "MIN_PIECE_BYTES", 8192)
+    assert any('"piece"' in item for item in shards_mod.work_items(sorted(paths.clean.glob("*.parquet")), 2))
+    outputs = []
+    for runner in (process_pool_runner(2, preload=("data_prep.shards",)), ray_runner(cfg.runtime)):
+        with runner as r:
+            write_shards(cfg, paths, force=True, runner=r)
+        outputs.append((_files(paths.shards), (paths.shards / "manifest.json").read_bytes()))
+    assert outputs[0] == outputs[1] and len(outputs[0][0]) >= 4
+
+
+def test_rerun_after_crash_writes_only_missing_shards(ray_cluster, tmp_path, monkeypatch):
+    cfg, paths = _tokenized_run(tmp_path / "run", _docstrings())
 
     write_shards(cfg, paths)
     reference, ref_manifest = _files(paths.shards), read_json(paths.shards / "manifest.json")

@@ -2,8 +2,8 @@
 
 - ``train.recovery.spike_policy: rollback``: a loss spike injected at one step (rank 0 only, so the
   all-reduced step loss is what every rank judges) rolls every rank back to the last checkpoint,
-  the global sample window since it is skipped and recorded, and the run ends near an unspiked run;
-  spikes past ``max_rollbacks`` stop like ``nonfinite_loss: stop``, the last good checkpoint intact.
+  the global sample window since it is skipped and recorded, and the run ends near an unspiked run
+  (``make soak``: also spikes at steps drawn from its seeds); spikes past ``max_rollbacks`` stop like ``nonfinite_loss: stop``, the last good checkpoint intact.
 - ``train.recovery.max_restarts``: a rank SIGKILLed mid-run is restarted by the launcher (torchrun
   and the deepspeed launcher), resumes from the latest checkpoint and ends with the uninterrupted
   run's losses.
@@ -12,6 +12,9 @@
 from __future__ import annotations
 
 import math
+import os
+import random
+
 import pytest
 import torch
 
@@ -25,6 +28,8 @@ from test_train_features import make_cfg as features_cfg, new_run, state_dir  # 
 pytestmark = pytest.mark.integration
 
 STEPS = 12
+ROUNDS = max(1, int(os.environ.get("PRETRAIN_SOAK_ROUNDS", "1")))
+SEED = int(os.environ.get("PRETRAIN_PIPELINE_FAULT_SEED", "0"))
 GLOBAL_BATCH = 8 * 2  # micro-batch 8 x 2 ranks x accumulation 1
 
 
@@ -50,6 +55,13 @@ def straight(tmp_path_factory):
     return paths, result
 
 
+def spike_points() -> list[int]:
+    """Step 10; under ``make soak`` (PRETRAIN_SOAK_ROUNDS > 1) also steps drawn from the fault seed,
+    each late enough for the detector's window to have filled and a checkpoint to exist."""
+    rng = random.Random(SEED)
+    return [10] + [rng.randrange(6, STEPS + 1) for _ in range(ROUNDS - 1)]
+
+
 def final_val_loss(paths: RunPaths) -> float:
     return metrics_by_step(paths.metrics, "val/loss")[STEPS]["val/loss"]
 
@@ -61,27 +73,29 @@ def test_a_spike_is_rolled_back_its_window_skipped_and_the_run_finishes_like_an_
     from pretrain.launch import launch_training
 
     base_paths, base = straight
-    paths = new_run(tmp_path, "spike")
-    monkeypatch.setenv(FAULT_SPIKE_ENV, "10")  # rank 0's loss x10 at step 10; the last checkpoint is step 8
-    cfg = make_cfg(paths, recovery={"spike_policy": "rollback", "spike_window": 4, "spike_k": 3.0, "max_rollbacks": 2})
-    lines: list[str] = []
-    result = launch_training(cfg, paths, log=lines.append)
-    assert result.steps == STEPS and math.isfinite(result.final_loss)
+    for round_, spike_at in enumerate(spike_points()):
+        paths = new_run(tmp_path, f"spike{round_}")
+        resumed = (spike_at - 1) // 4 * 4  # the last checkpoint before the spike (every 4 steps)
+        monkeypatch.setenv(FAULT_SPIKE_ENV, str(spike_at))  # rank 0's loss x10 at that step
+        cfg = make_cfg(paths, recovery={"spike_policy": "rollback", "spike_window": 4, "spike_k": 3.0, "max_rollbacks": 2})
+        lines: list[str] = []
+        result = launch_training(cfg, paths, log=lines.append)
+        assert result.steps == STEPS and math.isfinite(result.final_loss)
 
-    [event] = read_events(paths.train)
-    assert event["kind"] == "rollback" and event["step"] == 10 and event["resumed_step"] == 8
-    # Steps 9 and 10 drew 2 x 16 global samples after the checkpoint's position: that window is skipped.
-    lo, hi = event["skipped"]
-    assert hi - lo == 2 * GLOBAL_BATCH and lo == 8 * GLOBAL_BATCH
-    assert any("rollback" in line and "step 10" in line for line in lines)  # the train log says so
-    state = load_client_state(paths.checkpoints)
-    assert state["step"] == STEPS and [lo, hi] in [list(r) for r in state["data"]["skipped"]]
-    assert state["spikes"]["budget"]["rollbacks"] == 1 and len(state["spikes"]["detector"]["losses"]) == 4
-    # Steps 9-10 ran again after the rollback, on samples after the skipped window.
-    assert losses_by_step(paths.metrics)[10] < 2 * losses_by_step(base_paths.metrics)[10]
-    # Other samples, same amount of training: the held-out loss ends within 2% of the unspiked run.
-    assert final_val_loss(paths) == pytest.approx(final_val_loss(base_paths), rel=0.02)
-    assert result.final_loss == pytest.approx(base.final_loss, rel=0.05)
+        [event] = read_events(paths.train)
+        assert (event["kind"], event["step"], event["resumed_step"]) == ("rollback", spike_at, resumed)
+        # The steps since the checkpoint drew 16 global samples each after its position: that window is skipped.
+        lo, hi = event["skipped"]
+        assert hi - lo == (spike_at - resumed) * GLOBAL_BATCH and lo == resumed * GLOBAL_BATCH
+        assert any("rollback" in line and f"step {spike_at}" in line for line in lines)  # the train log says so
+        state = load_client_state(paths.checkpoints)
+        assert state["step"] == STEPS and [lo, hi] in [list(r) for r in state["data"]["skipped"]]
+        assert state["spikes"]["budget"]["rollbacks"] == 1 and len(state["spikes"]["detector"]["losses"]) == 4
+        # The spiked step ran again after the rollback, on samples after the skipped window.
+        assert losses_by_step(paths.metrics)[spike_at] < 2 * losses_by_step(base_paths.metrics)[spike_at]
+        # Other samples, same amount of training: the held-out loss ends within 2% of the unspiked run.
+        assert final_val_loss(paths) == pytest.approx(final_val_loss(base_paths), rel=0.02), spike_at
+        assert result.final_loss == pytest.approx(base.final_loss, rel=0.05), spike_at
 
 
 def test_spikes_past_max_rollbacks_stop_and_keep_the_last_good_checkpoint(state_dir, tmp_path, monkeypatch):

@@ -22,6 +22,10 @@ Printed: tokens/s (all ranks) and the ratio to the plain loop at the same rank c
 1 rank on CPU >= 0.95. The cases are interleaved ``--repeat`` times (default 3: this machine's
 runs of one case spread by 5-12%) and each keeps its best.
 
+``--device cuda`` instead times our trainer on the machine's GPUs with the gpt2-124m shape (bf16,
+ZeRO-1, block 1024, vocabulary padded to 50,304 as GPT-2's; synthetic shards) and prints steady
+tokens/s and MFU (``train/mfu``: model FLOPs over the GPUs' bf16 dense peak, ``pretrain.plan``).
+
 Then ``bench/train/memory.py`` builds the real engines for ZeRO 0/1/2/3 at 2 ranks and prints the
 bytes each rank holds for weights, gradients, the fp32 master copy and Adam's moments, next to
 ``pretrain-pipeline plan``'s estimate, and the ratio to ZeRO-0.
@@ -160,6 +164,34 @@ def print_memory(records: list[dict], cfg, vocab_size: int) -> None:
                   "below stage3_param_persistence_threshold)")
 
 
+def run_cuda(work: Path, data: Path, args) -> None:
+    """Our trainer on every visible GPU with the gpt2-124m shape: steady tokens/s and MFU."""
+    import torch
+
+    from pretrain.launch import launch_training
+    from pretrain.plan import planned_peak
+    from pretrain_pipeline.config import build_config
+
+    gpus = torch.cuda.device_count()
+    paths = new_run(work, data, f"cuda-gpt2-124m-n{gpus}")
+    cfg = make_cfg(paths.root, 1, gpus, args, precision="bf16").model_dump()
+    cfg["model"] = {"preset": "gpt2-124m", "vocab_size": 50304, "dropout": 0.0}
+    cfg["train"]["device"] = "cuda"
+    cfg["train"]["plan"]["peak_tflops"] = args.peak_tflops
+    cfg = build_config(cfg)
+    with open(work / f"{paths.root.name}.log", "w") as log:
+        launch_training(cfg, paths, force=True, log=lambda line: log.write(line + "\n"))
+    records = read_jsonl(paths.metrics)
+    rate, fastest = steady_tokens_per_s(records, args.warmup, args.log_every)
+    timed = [r["train/mfu"] for r in records if r.get("train/mfu") and r["step"] - args.log_every >= args.warmup]
+    peak, _ = planned_peak(cfg.train)
+    peak_note = f"{peak / 1e12:g} TFLOP/s bf16 dense peak each" if peak else "peak FLOP/s unknown: set --peak-tflops"
+    print(f"gpt2-124m, block 1024, bf16, ZeRO-1, micro-batch {args.micro_batch}, {gpus} x {torch.cuda.get_device_name()} "
+          f"({peak_note}), steps {args.warmup + 1}-{args.steps}:")
+    mfu_note = f"; MFU {sum(timed) / len(timed):.1%} (fastest window {max(timed):.1%})" if timed else ""
+    print(f"  {rate:,.0f} tokens/s (fastest window {fastest:,.0f}){mfu_note}")
+
+
 def stage_case(spec: str) -> str:
     return f"ZeRO-{spec[0]}" + (" kept" if spec.endswith("keep") else "")
 
@@ -181,6 +213,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP_NUM_THREADS per rank for both sides (default: what pretrain.launch.build_env picks)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="--device cuda: per-GPU peak for MFU (default: by GPU name, A100/H100/H200)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: our trainer on this machine's GPUs with the gpt2-124m shape, tokens/s and MFU")
     ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temporary one)")
     args = ap.parse_args()
     if args.threads:  # build_env keeps it, so both sides run with it
@@ -190,11 +226,22 @@ def main() -> None:
 
     from tests.synthetic import make_synthetic_run
 
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: no CUDA device visible")
+
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
     if not (data / "shards" / "manifest.json").exists():
         make_synthetic_run(data, n_train_docs=3000, n_val_docs=100, vocab_size=args.vocab)
+    if args.device == "cuda":
+        run_cuda(work, data, args)
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     ranks = [int(r) for r in args.ranks.split(",")]
     stages = [s.strip() for s in args.stages.split(",")]  # "3" or "3keep"
     best: dict[tuple[str, int], float] = {}  # overall steady-state rate, best of the repeats

@@ -114,6 +114,12 @@ _ARCHIVE_LINK = re.compile(
 _WORD = re.compile(r"[\w&'-]+")
 
 
+def _has_phrase(low: str, phrases) -> bool:
+    """Whether lowercase ``low`` holds one of ``phrases`` ((key, pattern) pairs), trying a pattern
+    only where its key string occurs."""
+    return any(key in low and pattern.search(low) for key, pattern in phrases)
+
+
 def _is_link(line: str) -> bool:
     """A menu entry's shape: one to four words, capitalised, not indented (code and man pages
     are), no sentence punctuation at the end ("Campus Life", "Current events")."""
@@ -130,7 +136,8 @@ def _is_menu(line: str) -> bool:
 
 @dataclass(kw_only=True)
 class Boilerplate(Filter):
-    """Drops documents whose share of notice and navigation lines is at least ``max_notice_line_ratio``."""
+    """Drops documents whose share of notice and navigation lines is at least ``max_notice_line_ratio``,
+    unless those lines are a footer under prose (``is_footer``)."""
 
     name = "boilerplate"
 
@@ -138,6 +145,7 @@ class Boilerplate(Filter):
     max_notice_line_words: int
     max_nav_line_words: int
     min_menu_block_lines: int
+    footer_max_char_share: float
 
     def _is_nav(self, line: str) -> bool:
         """A short line of navigation and button words ("About Us", "Accept all") or an archive link."""
@@ -151,9 +159,7 @@ class Boilerplate(Filter):
 
     def _is_notice(self, line: str, phrases: list[tuple[str, re.Pattern]]) -> bool:
         low = line.lower()
-        return ("©" in line or any(key in low and pattern.search(low) for key, pattern in phrases)) and (
-            len(low.split()) <= self.max_notice_line_words
-        )
+        return ("©" in line or _has_phrase(low, phrases)) and len(low.split()) <= self.max_notice_line_words
 
     def boilerplate_lines(self, lines: list[str]) -> list[bool]:
         """Per line: a notice, navigation or menu line, or a line of a menu block
@@ -180,8 +186,20 @@ class Boilerplate(Filter):
         """Whether one line, on its own, is a notice, navigation or menu line."""
         return self.boilerplate_lines([line])[0]
 
+    def is_footer(self, lines: list[str], flags: list[bool]) -> bool:
+        """Notice lines that are many but short after prose holding most of the text and no notice
+        phrase: an article followed by Share / Tweet / Email, not a banner with buttons."""
+        chars = [len(line.strip()) for line in lines]
+        if sum(c for c, flag in zip(chars, flags) if flag) >= self.footer_max_char_share * sum(chars):
+            return False
+        prose = "\n".join(line for line, flag in zip(lines, flags) if not flag).lower()
+        return not _has_phrase(prose, _NOTICE.items())
+
     def check(self, text: str, stats: DocStats) -> str | None:
         lines = [line for line in text.split("\n") if line.strip()]
         if not lines:
             return None
-        return "notice_lines" if sum(self.boilerplate_lines(lines)) / len(lines) >= self.max_notice_line_ratio else None
+        flags = self.boilerplate_lines(lines)
+        if sum(flags) / len(lines) < self.max_notice_line_ratio or self.is_footer(lines, flags):
+            return None
+        return "notice_lines"

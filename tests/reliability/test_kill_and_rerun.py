@@ -47,7 +47,7 @@ def _run(stage: str, config: Path, tmp_path: Path) -> None:
 
 
 def _kill_midway(stage: str, config: Path, tmp_path: Path, delay: float) -> bool:
-    """Start the stage and SIGKILL its whole process group (driver and Ray) after ``delay`` seconds."""
+    """Start the stage and SIGKILL its whole session (driver and Ray) after ``delay`` seconds."""
     proc = subprocess.Popen(_cmd(stage, config), cwd=tmp_path, env=_env(tmp_path),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     time.sleep(delay)
@@ -55,8 +55,24 @@ def _kill_midway(stage: str, config: Path, tmp_path: Path, delay: float) -> bool
     if not finished:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True, env=_env(tmp_path))
+    _kill_session(proc.pid)
     return not finished
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL what is left of a killed run: Ray's workers run in process groups of their own but
+    stay in the driver's session. (`ray stop` would stop every other Ray on the machine too.)"""
+    import psutil
+
+    left = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                p.kill()
+                left.append(p)
+        except (OSError, psutil.Error):
+            continue  # gone meanwhile
+    psutil.wait_procs(left, timeout=30)
 
 
 def _outputs(run: Path) -> dict[str, bytes]:
