@@ -21,12 +21,13 @@ export TORCH_EXTENSIONS_DIR ?= $(PRETRAIN_PIPELINE_STATE)/torch_extensions
 export RAY_USAGE_STATS_ENABLED = 0
 export DO_NOT_TRACK = 1
 
-.PHONY: setup smoke test test-fast test-gpu pretrain run server deploy lock clean-runs help bench-setup bench-clean browser bench-tokenize bench-train soak
+.PHONY: setup smoke ablate-smoke test test-fast test-gpu pretrain run server deploy lock clean-runs help bench-setup bench-clean browser bench-tokenize bench-train soak
 
 help:
 	@echo "make smoke     whole pipeline on CPU on a bundled sample corpus (runs/smoke/)"
 	@echo "make test      the test suite (unit + integration with real Ray/DeepSpeed/Prefect)"
 	@echo "make test-gpu  the CUDA path on this machine's GPU (bf16, NCCL, flash attention, ZeRO-1/3 resume, export)"
+	@echo "make ablate-smoke  three data recipes on CPU, one tiny proxy each: which makes the better model (runs/ablate-smoke/)"
 	@echo "make pretrain  the whole pipeline with configs/gpt2-124m.yaml (GPU cluster)"
 	@echo "make run CONFIG=configs/x.yaml ARGS='--set train.max_steps=10'"
 	@echo "make server    a local Prefect server on 127.0.0.1:4200 (UI), database under .state/"
@@ -44,6 +45,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 smoke: $(STAMP)
 	$(BIN)/pretrain-pipeline run --config configs/smoke.yaml $(ARGS)
 	@echo "report: runs/smoke/report.md   model: runs/smoke/export/hf"
+
+ablate-smoke: $(STAMP)
+	$(BIN)/pretrain-pipeline ablate --config configs/ablate-smoke.yaml $(ARGS)
+	@echo "answer: runs/ablate-smoke/report.md"
 
 run: $(STAMP)
 	$(BIN)/pretrain-pipeline run --config $(CONFIG) $(ARGS)

@@ -2,7 +2,8 @@
 units of work on it.
 
 The stages only say what one unit computes and hand the units to a ``UnitRunner``: ``ray_runner``
-runs them as Ray tasks on a local Ray or a cluster, ``LocalRunner`` in this process (tests).
+runs them as Ray tasks on a local Ray or a cluster, ``LocalRunner`` in this process (tests),
+``ProcessPoolRunner`` and ``ThreadPoolRunner`` in processes or threads of this machine.
 """
 
 from __future__ import annotations
@@ -239,7 +240,56 @@ class LocalRunner(UnitRunner):
         return handle()
 
 
-class ProcessPoolRunner(UnitRunner):
+class _ExecutorRunner(UnitRunner):
+    """Runs each unit on ``self.pool``, a ``concurrent.futures`` executor of ``self._cpus`` workers."""
+
+    pool: Any
+    _cpus: int
+
+    def cpus(self) -> int:
+        return self._cpus
+
+    def _starter(self, fn: Callable[..., Any], shared: tuple) -> Callable[[Any], Any]:
+        return lambda unit: self.pool.submit(fn, unit, *shared)
+
+    def _first_done(self, handles: list[Any]) -> Any:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(handles, return_when=FIRST_COMPLETED)
+        return next(h for h in handles if h in done)
+
+    def _result(self, handle: Any) -> Any:
+        return handle.result()
+
+    def _cancel(self, handle: Any) -> None:
+        handle.cancel()
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop the workers once the units started have finished."""
+
+    def __enter__(self) -> "_ExecutorRunner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+class ThreadPoolRunner(_ExecutorRunner):
+    """Runs each unit in one of ``threads`` threads of this process: for units whose work
+    releases the GIL (Arrow, Parquet, numpy), with nothing to start or pickle."""
+
+    def __init__(self, threads: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._cpus = threads
+        self.pool = ThreadPoolExecutor(threads)
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ProcessPoolRunner(_ExecutorRunner):
     """Runs each unit in a pool of ``cpus`` processes on this machine, without Ray.
 
     The workers are forked from a forkserver that imported ``preload`` and the main module once
@@ -262,24 +312,6 @@ class ProcessPoolRunner(UnitRunner):
         # Each submit that finds no idle worker starts one; submit is thread-safe.
         self._starting = threading.Thread(target=lambda: [self.pool.submit(int) for _ in range(cpus)], daemon=True)
         self._starting.start()
-
-    def cpus(self) -> int:
-        return self._cpus
-
-    def _starter(self, fn: Callable[..., Any], shared: tuple) -> Callable[[Any], Any]:
-        return lambda unit: self.pool.submit(fn, unit, *shared)
-
-    def _first_done(self, handles: list[Any]) -> Any:
-        from concurrent.futures import FIRST_COMPLETED, wait
-
-        done, _ = wait(handles, return_when=FIRST_COMPLETED)
-        return next(h for h in handles if h in done)
-
-    def _result(self, handle: Any) -> Any:
-        return handle.result()
-
-    def _cancel(self, handle: Any) -> None:
-        handle.cancel()
 
     def shutdown(self) -> None:
         self._starting.join()

@@ -167,6 +167,27 @@ def build_sample_corpus(out_path: Path, max_docs: int, seed: int = 0) -> int:
     return len(records)
 
 
+def build_heldout_sample(out_path: Path, n_docs: int, max_training_docs: int, seed: int = 0) -> int:
+    """Write the last ``n_docs`` documents of the shuffle ``build_sample_corpus`` makes with ``seed``:
+    documents no sample corpus of up to ``max_training_docs`` documents holds, nor any text of one."""
+    from pretrain_pipeline.artifacts import atomic_path
+
+    docs = _collect_in_subprocess()
+    random.Random(seed).shuffle(docs)
+    if max_training_docs + n_docs > len(docs):
+        raise ValueError(
+            f"the docstring corpus has {len(docs)} documents: {n_docs} held out and up to {max_training_docs} for "
+            "training overlap; lower ablation.heldout.sample_corpus_docs or data.sample_corpus_max_docs"
+        )
+    training_texts = {text for _, text in docs[:max_training_docs]}
+    heldout = [(doc_id, text) for doc_id, text in docs[len(docs) - n_docs:] if text not in training_texts]
+    with atomic_path(Path(out_path)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for doc_id, text in heldout:
+                f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False) + "\n")
+    return len(heldout)
+
+
 if __name__ == "__main__":  # pragma: no cover
     if sys.argv[1:] == ["--collect"]:
         # ASCII-only JSON: no dependence on the child's stdout encoding.

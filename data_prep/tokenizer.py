@@ -18,6 +18,8 @@ Output ``tokenizer/``: tokenizer.model, tokenizer.vocab, meta.json, _SUCCESS.jso
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import math
 import os
@@ -28,11 +30,11 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, NamedTuple
 
 import pyarrow.parquet as pq
 
-from data_prep.ray_runtime import is_quiet
+from data_prep.ray_runtime import ThreadPoolRunner, is_quiet
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, read_json, read_stage_record, sha256_file
 from pretrain_pipeline.config import PipelineConfig, TokenizerConfig
 from pretrain_pipeline.errors import MissingInput, UserError
@@ -83,13 +85,6 @@ def clean_stage_fingerprint(paths: RunPaths) -> str:
 def training_config(tok: TokenizerConfig) -> dict[str, Any]:
     """The tokenizer settings that shape the trained model (the stage's config section)."""
     return {k: v for k, v in tok.model_dump(mode="json").items() if k not in NOT_TRAINING_FIELDS}
-
-
-def iter_texts(parts: list[Path], batch_size: int = 1024) -> Iterator[str]:
-    """Kept documents in clean order."""
-    for part in parts:
-        for batch in pq.ParquetFile(part).iter_batches(columns=["text"], batch_size=batch_size):
-            yield from batch.column("text").to_pylist()
 
 
 def split_long_line(line: str, max_bytes: int) -> list[str]:
@@ -197,66 +192,199 @@ class LineSample(list):
     documents: int = 0
 
 
-def sample_lines(texts: Iterator[str], max_lines: int, max_bytes: int, seed: int) -> LineSample:
-    """Seeded reservoir sample of non-blank lines, returned in corpus order (bounded memory).
+# The characters of ``str.isspace``: a line of only these is blank (``str.strip`` leaves nothing).
+WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+
+
+@functools.cache
+def _text_bytes() -> Any:
+    """Per byte value: is it an ASCII character that is not whitespace."""
+    import numpy as np
+
+    text = np.zeros(256, dtype=bool)
+    text[:128] = [not chr(b).isspace() for b in range(128)]
+    return text
+
+
+def _offsets(strings: Any) -> Any:
+    """The value offsets of an Arrow string array, as numpy (no copy)."""
+    import numpy as np
+    import pyarrow as pa
+
+    dtype = np.int64 if pa.types.is_large_string(strings.type) else np.int32
+    return np.frombuffer(strings.buffers()[1], dtype=dtype)[strings.offset : strings.offset + len(strings) + 1]
+
+
+def _not_blank(strings: Any) -> Any:
+    """Per string of an Arrow array: does ``str.strip`` leave anything of it (a numpy bool array)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    text_byte = _text_bytes()
+    offsets = _offsets(strings)
+    data = np.frombuffer(strings.buffers()[2] or b"\0", dtype=np.uint8)
+    sizes = np.diff(offsets)
+    # An ASCII byte that is not whitespace is a character that is not: a string that starts or
+    # ends with one is not blank. The others (indentation-only lines, mostly) are read in full.
+    keep = (sizes > 0) & (text_byte[data.take(offsets[:-1], mode="clip")] | text_byte[data.take(offsets[1:] - 1, mode="clip")])
+    unsure = np.flatnonzero((sizes > 0) & ~keep)
+    if len(unsure):
+        size = sizes[unsure]
+        first = np.cumsum(size) - size  # where each one starts among their bytes
+        unsure_bytes = data[np.arange(size.sum()) + np.repeat(offsets[unsure] - first, size)]
+        keep[unsure] = np.logical_or.reduceat(text_byte[unsure_bytes], first)
+        # Only ASCII whitespace is blank; non-ASCII whitespace is rare enough for Arrow's trim.
+        odd = unsure[~keep[unsure] & np.logical_or.reduceat(unsure_bytes >= 0x80, first)]
+        if len(odd):
+            keep[odd] = pc.binary_length(pc.utf8_trim(strings.take(odd), WHITESPACE)).to_numpy() > 0
+    return keep
+
+
+class DocumentLines(NamedTuple):
+    """The training lines of a batch of documents: ``lines`` (Arrow strings), ``rows`` (the
+    document each comes from, counted in the batch) and ``documents`` (the batch's size)."""
+
+    lines: Any
+    rows: Any
+    documents: int
+
+
+def document_lines(text: Any, max_bytes: int) -> DocumentLines:
+    """The lines of ``text`` (split at each newline) that ``str.strip`` leaves something of, those
+    over ``max_bytes`` cut by ``split_long_line``: in Arrow and numpy, which threads run side by side."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lists = pc.split_pattern(text, "\n")
+    flat = lists.flatten()
+    keep = _not_blank(flat)
+    sizes = np.diff(_offsets(flat))
+    lines, rows = flat.filter(keep), pc.list_parent_indices(lists).to_numpy()[keep]
+    if (sizes[keep] > max_bytes).any():
+        pieces = [split_long_line(line, max_bytes) for line in lines.to_pylist()]
+        lines = pa.array([piece for cut in pieces for piece in cut], type=flat.type)
+        rows = np.repeat(rows, [len(cut) for cut in pieces])
+    return DocumentLines(lines, rows, len(text))
+
+
+class _Reservoir:
+    """Seeded reservoir sample of lines fed in batches, in bounded memory.
 
     The reservoir fills with the first ``max_lines`` lines; after that line ``seen`` replaces slot
     ``random.Random(seed).randrange(seen + 1)`` when that is a slot: the textbook algorithm, its
-    draws made in bulk (``RandrangeDraws``) for batches of lines.
+    draws made in bulk (``RandrangeDraws``). Only the lines that still hold a slot at the end of
+    their batch are kept (Arrow slices, not Python strings), and pruned to the live ones when they
+    pile up.
     """
-    from array import array
 
+    def __init__(self, max_lines: int, seed: int) -> None:
+        import numpy as np
+
+        self.max_lines, self.draws = max_lines, RandrangeDraws(seed)
+        self.slot_line = np.full(max_lines, -1, dtype=np.int64)  # corpus index of each slot's line
+        self.kept: list[tuple[Any, Any, Any]] = []  # (lines, their corpus indices, their documents)
+        self.kept_count = self.seen = self.documents = 0
+
+    def add(self, batch: DocumentLines) -> None:
+        import numpy as np
+
+        n = len(batch.lines)
+        fill = min(n, max(0, self.max_lines - self.seen))
+        slots = np.arange(self.seen, self.seen + n, dtype=np.int64)
+        if n > fill:
+            slots[fill:] = self.draws.below(self.seen + fill + 1, n - fill)
+        hits = np.flatnonzero(slots < self.max_lines)
+        # The last line drawn for a slot is the one that stays there: the largest corpus index.
+        np.maximum.at(self.slot_line, slots[hits], self.seen + hits)
+        at = hits[self.slot_line[slots[hits]] == self.seen + hits]
+        lines = batch.lines if len(at) == n else batch.lines.filter(_mask(n, at))
+        self.kept.append((lines, self.seen + at, self.documents + batch.rows[at]))
+        self.kept_count += len(at)
+        self.seen += n
+        self.documents += batch.documents
+        if self.kept_count > 4 * self.max_lines:
+            self.kept = self._live()
+            self.kept_count = self.max_lines
+
+    def _live(self) -> list[tuple[Any, Any, Any]]:
+        """``kept`` without the lines that lost their slot since."""
+        import numpy as np
+
+        live = np.sort(self.slot_line[self.slot_line >= 0])
+        out = []
+        for lines, index, documents in self.kept:
+            keep = live[np.searchsorted(live, index).clip(max=len(live) - 1)] == index
+            out.append((lines.filter(keep), index[keep], documents[keep]))
+        return out
+
+    def sample(self) -> tuple[Any, int]:
+        """The sampled lines in corpus order (Arrow strings) and how many documents they come from."""
+        import numpy as np
+        import pyarrow as pa
+
+        live = self._live()
+        chunks = [lines for lines, _, _ in live]
+        if len({chunk.type for chunk in chunks}) > 1:  # a row group of over 2 GiB among the others
+            chunks = [chunk.cast(pa.large_string()) for chunk in chunks]
+        lines = pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string())
+        documents = np.concatenate([documents for _, _, documents in live] or [np.empty(0)])
+        return lines, int(np.count_nonzero(np.diff(documents))) + (len(documents) > 0)
+
+
+def _mask(n: int, at: Any) -> Any:
     import numpy as np
 
-    short = max_bytes // 4  # a line of at most this many characters fits: no need to encode it
-    sample: list[str] = []
-    reservoir = None  # the full sample as a numpy object array, once lines start replacing
-    order = np.arange(max_lines, dtype=np.int64)  # corpus index of each sample line
-    draws: RandrangeDraws | None = None
-    pending: list[str] = []  # lines past the filled reservoir, waiting for their draws
-    seen = 0  # lines before ``pending``
+    mask = np.zeros(n, dtype=bool)
+    mask[at] = True
+    return mask
 
-    def replace() -> None:
-        nonlocal draws, reservoir, seen
-        if draws is None:
-            draws, reservoir = RandrangeDraws(seed), np.empty(len(sample), dtype=object)
-            reservoir[:] = sample
-        slots = draws.below(seen + 1, len(pending))
-        hits = np.flatnonzero(slots < max_lines)
-        # The last line drawn for a slot is the one that stays there.
-        kept, last = np.unique(slots[hits][::-1], return_index=True)
-        lines_at = hits[len(hits) - 1 - last]
-        order[kept] = seen + lines_at
-        lines = np.empty(len(pending), dtype=object)
-        lines[:] = pending
-        reservoir[kept] = lines[lines_at]
-        seen += len(pending)
-        pending.clear()
 
-    doc_ends = array("q")  # lines up to the end of each document that has any
-    for text in texts:
-        lines = list(filter(str.strip, text.split("\n")))
-        if not lines:
-            continue
-        if max(map(len, lines)) > short:
-            lines = [piece for line in lines for piece in split_long_line(line, max_bytes)]
-        doc_ends.append((doc_ends[-1] if doc_ends else 0) + len(lines))
-        if len(sample) < max_lines:
-            fill = min(len(lines), max_lines - len(sample))
-            sample += lines[:fill] if fill < len(lines) else lines
-            seen += fill
-            lines = lines[fill:]
-        pending += lines
-        if len(pending) >= 1 << 16:
-            replace()
-    if pending:
-        replace()
-    if draws is None:
-        result, positions = LineSample(sample), np.arange(len(sample))
-    else:
-        result, positions = LineSample(reservoir[np.argsort(order)].tolist()), order
-    result.documents = len(np.unique(np.searchsorted(np.frombuffer(doc_ends, dtype=np.int64), positions, side="right")))
+def sample_lines(texts: Iterable[str], max_lines: int, max_bytes: int, seed: int) -> LineSample:
+    """Seeded reservoir sample of the non-blank lines of ``texts``, in corpus order (see ``_Reservoir``)."""
+    import pyarrow as pa
+
+    reservoir = _Reservoir(max_lines, seed)
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, 1024)):
+        reservoir.add(document_lines(pa.array(batch, pa.large_string()), max_bytes))
+    lines, documents = reservoir.sample()
+    result = LineSample(lines.to_pylist())
+    result.documents = documents
     return result
+
+
+def _row_group_lines(row_group: tuple[str, int], max_bytes: int) -> DocumentLines:
+    import pyarrow as pa
+
+    part, group = row_group
+    text = pq.ParquetFile(part).read_row_group(group, columns=["text"], use_threads=False).column("text")
+    # Over 2 GiB of text comes in chunks; 64-bit offsets hold it in one array.
+    return document_lines(text.chunk(0) if text.num_chunks == 1 else text.cast(pa.large_string()).combine_chunks(), max_bytes)
+
+
+def sample_clean_parts(parts: list[Path], max_lines: int, max_bytes: int, seed: int, threads: int) -> tuple[Any, int]:
+    """``sample_lines`` of the clean parts, their row groups read and split into lines by
+    ``threads`` threads (Arrow works without the GIL) while this one draws."""
+    reservoir = _Reservoir(max_lines, seed)
+    row_groups = [(str(p), g) for p in parts for g in range(pq.ParquetFile(p).metadata.num_row_groups)]
+    with ThreadPoolRunner(threads) as runner:
+        for batch in runner.map(_row_group_lines, row_groups, shared=(max_bytes,), window=2 * threads,
+                                describe=lambda rg: f"{rg[0]} row group {rg[1]}", desc="tokenizer sample"):
+            reservoir.add(batch)
+    return reservoir.sample()
+
+
+def write_lines(lines: Any, path: Path) -> int:
+    """Each line (of an Arrow chunked array of strings) and a newline, as UTF-8; returns the bytes written."""
+    import pyarrow.compute as pc
+
+    with open(path, "wb") as f:
+        for chunk in pc.binary_join_element_wise(lines, "", "\n").chunks:
+            if len(chunk):
+                offsets = _offsets(chunk)
+                f.write(chunk.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+    return path.stat().st_size
 
 
 def trainer_settings(tok: TokenizerConfig) -> dict[str, Any]:
@@ -356,8 +484,8 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
             elapsed_s=record.get("elapsed_s", 0.0),
         )
 
-    lines = sample_lines(iter_texts(parts), tok.input_sentence_size, tok.max_sentence_length, tok.seed)
-    if not lines:
+    lines, documents = sample_clean_parts(parts, tok.input_sentence_size, tok.max_sentence_length, tok.seed, _cpu_count())
+    if not len(lines):
         raise ValueError(f"{paths.clean}: the clean corpus has no text to train a tokenizer on")
 
     import sentencepiece as spm
@@ -365,8 +493,7 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
     with stage.outputs(out_dir) as (tmp,), tempfile.TemporaryDirectory(prefix="spm-") as scratch:
         tmp.mkdir(parents=True)
         sample_file = Path(scratch) / "sample.txt"
-        with open(sample_file, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(lines) + "\n")
+        sample_bytes = write_lines(lines, sample_file)
         log.info("tokenizer: training %s vocab=%d on %d lines", tok.model_type, tok.vocab_size, len(lines))
         _train(sample_file, tmp / "tokenizer", tok)
         sp = spm.SentencePieceProcessor(model_file=str(tmp / MODEL_FILE))
@@ -380,8 +507,8 @@ def train_tokenizer(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -
             "pad_id": sp.pad_id(),
             "settings": trainer_settings(tok),
             "training_lines": len(lines),
-            "training_documents": lines.documents,
-            "training_bytes": sample_file.stat().st_size,  # each line's UTF-8 bytes and its newline
+            "training_documents": documents,
+            "training_bytes": sample_bytes,  # each line's UTF-8 bytes and its newline
             "sample_seed": tok.seed,
             "clean_fingerprint": clean_fp,
         }

@@ -46,6 +46,13 @@ def build_deployments(config_path: str, overrides: list[str] | None = None) -> l
                 tags=tags,
             )
         )
+    if cfg.ablation.recipes:  # a config with an ablation section also serves the ablate flow
+        from flows.ablation import ablate_flow
+
+        deployments.append(ablate_flow.to_deployment(
+            name=cfg.ablation.name or cfg.runtime.run_name, parameters={"config": config, "force": []},
+            description=f"Data-recipe ablation with defaults from {config_path}.", tags=tags,
+        ))
     return deployments
 
 

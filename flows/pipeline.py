@@ -23,7 +23,7 @@ from data_prep.inspect import examples_by_reason, examples_markdown, funnel_rows
 from pretrain_pipeline import stages
 from pretrain_pipeline.config import PipelineConfig
 from pretrain_pipeline.errors import UserError, is_transient
-from pretrain_pipeline.preflight import preflight
+from pretrain_pipeline.preflight import already_checked, preflight
 
 
 def _artifact_key(run_name: str, stage: str) -> str:
@@ -187,6 +187,8 @@ class PreflightFailed(UserError):
 
 def _preflight(config: PipelineConfig, stage_names: list[str]) -> None:
     # Deployments start flows without the CLI: refuse before any task (and its retries) starts.
+    if already_checked(config, stage_names):  # the CLI that started this flow just did
+        return
     problems = preflight(config, stage_names)
     if problems:
         raise PreflightFailed("\n".join(str(p) for p in problems))

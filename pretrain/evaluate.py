@@ -23,7 +23,7 @@ from pretrain.device import resolve_device
 from pretrain.model import GPT, resolve_vocab_size
 from pretrain_pipeline.artifacts import RunPaths, atomic_write_json, read_json, read_stage_record, sha256_file
 from pretrain_pipeline.config import PipelineConfig
-from pretrain_pipeline.errors import MissingInput
+from pretrain_pipeline.errors import MissingInput, UserError
 from pretrain_pipeline.stage import Stage
 
 
@@ -37,6 +37,7 @@ class EvalResult:
     checkpoint_tag: str
     samples: list[dict[str, str]] = field(default_factory=list)
     lm_eval: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> metric -> value
+    heldout: dict[str, Any] = field(default_factory=dict)  # eval.heldout_inputs: bits_per_byte, bytes, tokens, ...
     eval_path: str = ""
     checkpoint_sha256: str = ""
     wandb: str | None = None
@@ -86,6 +87,7 @@ def log_to_wandb(cfg: PipelineConfig, paths: RunPaths, result: "EvalResult", ste
     try:
         metrics = {"eval/loss": result.loss, "eval/perplexity": result.perplexity,
                    "eval/bits_per_byte": result.bits_per_byte, "eval/tokens": result.tokens,
+                   **({"eval/heldout_bits_per_byte": result.heldout["bits_per_byte"]} if result.heldout else {}),
                    **{f"lm_eval/{task}/{name}": v for task, m in result.lm_eval.items() for name, v in m.items()}}
         tracker.log(metrics, step=step)
         tracker.summary({**metrics, "eval/checkpoint_tag": result.checkpoint_tag,
@@ -144,6 +146,48 @@ def score(model: GPT, stream: TokenStream, max_tokens: int, micro_batch: int, eo
         "tokens": tokens,
         "bytes": nbytes,
     }
+
+
+def read_heldout(cfg: PipelineConfig) -> tuple[list[str], str]:
+    """The texts of ``eval.heldout_inputs`` in file order, and one sha256 over the files; a row that is
+    not a document is an error naming its file and line (held-out text is scored as given)."""
+    from data_prep.readers import expand_inputs, read_file
+
+    texts, h = [], hashlib.sha256()
+    for path in expand_inputs(cfg.eval.heldout_inputs):
+        h.update(f"{path.name}|{sha256_file(path)}\n".encode())
+        for row in read_file(path, cfg.data.text_field, cfg.data.id_field):
+            if row["quarantine"]:
+                raise UserError(f"eval.heldout_inputs: {row['source']} line {row['line']}: {row['quarantine']}")
+            texts.append(row["text"])
+    if not texts:
+        raise UserError(f"eval.heldout_inputs: no documents in {cfg.eval.heldout_inputs}")
+    return texts, h.hexdigest()
+
+
+@torch.no_grad()
+def score_texts(model: GPT, sp, texts: list[str], eos_id: int, micro_batch: int, device: str) -> dict[str, float]:
+    """Bits per UTF-8 byte of whole documents: every token of every text is scored once (as in
+    training, each document follows an EOS; EOS targets are not text and are not scored), and the
+    nats are divided by the texts' own bytes, so any two tokenizers are measured on the same bytes."""
+    stream = np.array([t for ids in sp.encode(texts) for t in (eos_id, *ids)], dtype=np.int64)
+    bs = model.block_size
+    # Windows of bs targets overlapping by one token; the tail is padded with EOS, which is never scored.
+    n_windows = max(1, math.ceil((len(stream) - 1) / bs))
+    stream = np.concatenate([stream, np.full(n_windows * bs + 1 - len(stream), eos_id, dtype=np.int64)])
+    nats, tokens = 0.0, 0
+    for start in range(0, n_windows, micro_batch):
+        windows = [stream[w * bs: w * bs + bs + 1] for w in range(start, min(start + micro_batch, n_windows))]
+        chunk = torch.from_numpy(np.stack(windows)).to(device)
+        x, y = chunk[:, :-1], chunk[:, 1:]
+        logits, _ = model(x)
+        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        scored = y.flatten() != eos_id
+        nats += float(losses[scored].sum())
+        tokens += int(scored.sum())
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"bits_per_byte": nats / (math.log(2) * nbytes), "nats": nats, "tokens": tokens, "bytes": nbytes,
+            "documents": len(texts)}
 
 
 def generate_samples(model: GPT, sp, cfg: PipelineConfig, eos_id: int, device: str) -> list[dict[str, str]]:
@@ -206,8 +250,9 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalR
     train_record = read_stage_record(paths.train) or {}
     tag = latest_tag(paths.checkpoints)
     tasks_sha = task_files_sha256(cfg.eval.lm_eval_include_path) if cfg.eval.lm_eval_tasks else None
+    heldout_texts, heldout_sha = read_heldout(cfg) if cfg.eval.heldout_inputs else ([], None)
     stage = Stage("evaluate", paths.eval, cfg.eval.model_dump(mode="json"), train_record.get("fingerprint"), tag,
-                  tasks_sha, force=force)
+                  tasks_sha, *filter(None, [heldout_sha]), force=force)
     if stage.current():
         return EvalResult(**{**read_json(paths.eval / "eval.json")["result"], "skipped": True})
 
@@ -221,10 +266,14 @@ def evaluate(cfg: PipelineConfig, paths: RunPaths, force: bool = False) -> EvalR
     metrics = score(model, stream, cfg.eval.max_tokens, cfg.eval.micro_batch_size, manifest.eos_id, sp, device)
     samples = generate_samples(model, sp, cfg, manifest.eos_id, device)
     lm_eval_results = run_lm_eval(cfg, model, sp, manifest.eos_id, device) if cfg.eval.lm_eval_tasks else {}
+    heldout = {}
+    if heldout_texts:
+        heldout = {**score_texts(model, sp, heldout_texts, manifest.eos_id, cfg.eval.micro_batch_size, device),
+                   "sha256": heldout_sha}
     result = EvalResult(
         loss=metrics["loss"], perplexity=metrics["perplexity"], bits_per_byte=metrics["bits_per_byte"],
         tokens=int(metrics["tokens"]), bytes=int(metrics["bytes"]), checkpoint_tag=tag, samples=samples,
-        lm_eval=lm_eval_results,
+        lm_eval=lm_eval_results, heldout=heldout,
         eval_path=str(paths.eval / "eval.json"), checkpoint_sha256=weights_sha256(model),
     )
     step_match = TAG_RE.match(tag)

@@ -156,6 +156,7 @@ class Tracker:
             project=cfg.project,
             entity=cfg.entity,
             tags=cfg.tags or None,
+            group=cfg.group,
             name=run_name or self.run_dir.name,
             config=config_dict or {},
             dir=str(self.run_dir),
@@ -203,6 +204,14 @@ class Tracker:
     def summary(self, values: dict[str, Any]) -> None:
         if self._run is not None:
             self._run.summary.update(values)
+
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table in the run (a W&B Table; metrics.jsonl gets its rows as records)."""
+        self._metrics.write(json.dumps({"table": key, "rows": [dict(zip(columns, map(_clean, r))) for r in rows]}) + "\n")
+        if self._run is not None:
+            import wandb
+
+            self._run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def finish(self, exit_code: int = 0) -> None:
         if self._run is not None:

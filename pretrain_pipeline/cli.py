@@ -11,7 +11,7 @@ from typing import Any
 from pretrain_pipeline.config import PipelineConfig, dump_config, load_config
 from pretrain_pipeline.console import QuietConsole, quiet_prefect, quiet_start_up
 from pretrain_pipeline.errors import UserError
-from pretrain_pipeline.preflight import check_stages
+from pretrain_pipeline.preflight import check_stages, mark_checked
 from pretrain_pipeline.stages import STAGE_FUNCTIONS, STAGES, configure_environment, forced_stages
 
 USER_ERROR = 2  # exit status of a user error (config, inputs, device, resume, plan): fix what it names
@@ -32,6 +32,7 @@ examples:
   pretrain-pipeline config -c configs/gpt2-124m.yaml   the resolved config
   pretrain-pipeline train -c configs/smoke.yaml --set train.max_steps=50 --force
   pretrain-pipeline inspect -c configs/smoke.yaml --reason gopher_repetition:top_2_gram
+  pretrain-pipeline ablate -c configs/ablate-smoke.yaml   which data recipe makes the better model
 
 Each command: pretrain-pipeline COMMAND --help. --verbose shows rank output and Ray, Prefect
 and DeepSpeed notices on the terminal; --json prints a stage's result for scripts.
@@ -89,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefect", action="store_true", help="Run the stages as plain Python, without Prefect.")
     p.add_argument("--json", action="store_true", help="Print every stage's result as JSON at the end.")
 
+    p = sub.add_parser("ablate", help="Data-recipe ablation: the ablation section's recipes, one proxy model and one "
+                       "evaluation for all -> runs/<ablation>/report.md")
+    _add_common(p)
+    p.add_argument("--force", nargs="*", default=[], metavar="STAGE",
+                   help=f"Stages to redo in every run even if current ({', '.join(STAGES)}, or all).")
+    p.add_argument("--no-prefect", action="store_true", help="Run the recipes as plain Python, without Prefect.")
+    p.add_argument("--json", action="store_true", help="Print the results (rows, summary, winner) as JSON at the end.")
+
     p = sub.add_parser("report", help="(Re)write runs/<name>/report.md from the run's outputs.")
     _add_common(p)
     p.add_argument("--json", action="store_true", help="Print the report's path as JSON.")
@@ -143,12 +152,12 @@ def _check(cfg: PipelineConfig, stages: list[str]) -> int:
 
 def _stages_to_run(args: argparse.Namespace) -> list[str]:
     """The stages ``run`` or a stage command is about to start; an unknown --force is a user error."""
-    if args.command == "run":
+    if args.command in ("run", "ablate"):
         try:
             forced_stages(args.force)
         except ValueError as err:
             raise UserError(f"--force: {err}") from None
-        return list(STAGES)
+        return list(STAGES) if args.command == "run" else ["clean", "tokenize", "train", "evaluate"]
     return [args.command] if args.command in STAGES else []
 
 
@@ -179,25 +188,44 @@ def _plan(cfg: PipelineConfig, as_json: bool) -> int:
     return 0
 
 
-def _execute(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    """A stage, the report or the whole pipeline, after the preflight found nothing in the way."""
+def _flow(command: str) -> Any:
+    """The Prefect flow of ``run`` or ``ablate`` (imported only when used: Prefect is slow to import)."""
+    if command == "run":
+        from flows.pipeline import pretrain_pipeline
+
+        return pretrain_pipeline
+    from flows.ablation import ablate_flow
+
+    return ablate_flow
+
+
+def _plain(command: str) -> Any:
+    """The same as plain Python, for --no-prefect."""
+    if command == "run":
+        from pretrain_pipeline.stages import run_all
+
+        return run_all
+    from pretrain_pipeline.ablation import run_ablation
+
+    return run_ablation
+
+
+def _execute(cfg: PipelineConfig, args: argparse.Namespace, train_steps: int) -> int:
+    """A stage, the report, the whole pipeline or an ablation, after the preflight found nothing in the way."""
     configure_environment()
-    console = None if args.verbose else QuietConsole(cfg.train.max_steps)
+    console = None if args.verbose else QuietConsole(train_steps)
     if console:
         quiet_start_up()
     log = console.log if console else print
     result: Any
     with console.muted() if console else contextlib.nullcontext():
-        if args.command == "run" and not args.no_prefect:
-            from flows.pipeline import pretrain_pipeline
-
+        if args.command in ("run", "ablate") and not args.no_prefect:
+            flow = _flow(args.command)  # imported first: Prefect sets up its log handlers on import
             if console:
                 quiet_prefect(console)
-            result = pretrain_pipeline(config=cfg, force=sorted(args.force))
-        elif args.command == "run":
-            from pretrain_pipeline.stages import run_all
-
-            result = run_all(cfg, force=set(args.force), log=log)
+            result = flow(config=cfg, force=sorted(args.force))
+        elif args.command in ("run", "ablate"):
+            result = _plain(args.command)(cfg, force=set(args.force), log=log)
         elif args.command == "report":
             from pretrain_pipeline.stages import report
 
@@ -225,11 +253,17 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(cfg, args.json)
         if args.command == "check":
             return _check(cfg, args.stages)
-        prefect = args.command == "run" and not args.no_prefect  # a stage command runs without Prefect
-        problems = check_stages(cfg, _stages_to_run(args), prefect=prefect).problems
+        prefect = args.command in ("run", "ablate") and not args.no_prefect  # a stage command runs without Prefect
+        checked = cfg
+        if args.command == "ablate":  # every recipe validated; the checks run on the reference recipe's run
+            from pretrain_pipeline.ablation import plan_ablation, preflight_config
+
+            checked = preflight_config(plan_ablation(cfg), cfg)
+        problems = check_stages(checked, _stages_to_run(args), prefect=prefect).problems
         if problems:
             return _errors([str(p) for p in problems])
-        return _execute(cfg, args)
+        mark_checked(checked, _stages_to_run(args))
+        return _execute(cfg, args, checked.train.max_steps)
     except UserError as err:  # raised by the config, the preflight or inside a stage: no traceback
         return _errors(str(err).splitlines())
 

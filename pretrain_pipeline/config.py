@@ -625,6 +625,11 @@ class EvalConfig(Section):
         None, description="Directory of local lm-eval task YAMLs (and their data); its files are part of the stage's hash."
     )
     lm_eval_limit: int | None = Field(None, ge=1, description="At most this many documents per lm-eval task.")
+    heldout_inputs: list[str] = Field(
+        default_factory=list,
+        description="Held-out documents (.jsonl, .jsonl.gz, .txt; data.text_field) scored whole in bits per UTF-8 byte: "
+        "the same bytes for any tokenizer, so runs with different data or tokenizers compare. Empty: skipped.",
+    )
 
 
 class ExportConfig(Section):
@@ -651,6 +656,7 @@ class TrackingConfig(Section):
     project: str = Field("pretrain-pipeline", description="W&B project.")
     entity: str | None = Field(None, description="W&B team or user; empty = the API key's default.")
     tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+    group: str | None = Field(None, description="W&B run group (an ablation puts all its runs in one); empty = none.")
 
 
 class RuntimeConfig(Section):
@@ -668,6 +674,68 @@ class RuntimeConfig(Section):
         return Path(self.runs_root) / self.run_name
 
 
+# Where a recipe may change the base config: the data it trains on, never the proxy or the evaluation.
+RECIPE_FIELDS = ("data.", "tokenizer.", "train.data_mixture")
+
+
+class ProxyConfig(Section):
+    """The proxy model every recipe trains: one shape and one token budget, so only the data differs."""
+
+    preset: Literal["tiny", "gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b", "llama-7b"] | None = Field(
+        None, description="model.preset of every proxy (the base config's other model fields are dropped); empty: the base model section."
+    )
+    train_tokens: int = Field(
+        0, ge=0, description="Training tokens per proxy; train.max_steps becomes tokens / tokens per step. 0: the base train.max_steps."
+    )
+
+
+class HeldoutConfig(Section):
+    """The held-out text every proxy is scored on in bits per byte (eval.heldout_inputs of each run)."""
+
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Held-out documents (.jsonl, .jsonl.gz, .txt; data.text_field), given once for the whole ablation.",
+    )
+    sample_corpus_docs: int = Field(
+        200, ge=1, description="Without inputs and with data.sample_corpus: this many stdlib docstring documents outside every recipe's sample."
+    )
+
+
+class AblationConfig(Section):
+    """Data-recipe ablation (`pretrain-pipeline ablate`): each recipe is the pipeline on the base config with a
+    few data, tokenizer or mixture fields changed, a fixed proxy model and a fixed evaluation."""
+
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Ablation name: runs go to <runs_root>/<name>/<recipe>/; empty = runtime.run_name."
+    )
+    recipes: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Recipe name -> {dotted field: value} over the base config, fields under data., tokenizer. or "
+        "train.data_mixture (mixture names are recipes of this ablation); {} is the base itself. The first recipe is the reference: "
+        "its tokenizer is shared by every recipe that leaves tokenizer.* alone.",
+    )
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig, description="The proxy model every recipe trains.")
+    heldout: HeldoutConfig = Field(default_factory=HeldoutConfig, description="The held-out text scored in bits per byte.")
+    lm_eval_tasks: list[str] | None = Field(
+        None, description="lm-eval tasks every proxy is scored on (eval.lm_eval_include_path and limit apply); empty: eval.lm_eval_tasks."
+    )
+    seeds: int = Field(1, ge=1, le=16, description="Proxies per recipe, with train.seed, +1, +2, ...: the spread tells a real difference from noise.")
+    parallel: int = Field(1, ge=1, description="Recipes whose stages run at the same time (data stages share one Ray; each training its own ranks).")
+
+    @model_validator(mode="after")
+    def _check_recipes(self) -> "AblationConfig":
+        for recipe, overrides in self.recipes.items():
+            if not RUN_NAME_RE.fullmatch(recipe) or ".." in recipe or ".seed" in recipe:
+                raise ValueError(f"ablation.recipes: {recipe!r} is not a plain run name (no '/', '..' or '.seed')")
+            for key in overrides:
+                if not any(key.startswith(f) if f.endswith(".") else key == f for f in RECIPE_FIELDS):
+                    raise ValueError(
+                        f"ablation.recipes.{recipe}: {key!r} is not a recipe field; a recipe changes data.*, tokenizer.* or "
+                        "train.data_mixture only (the proxy and the evaluation stay the same for every recipe)"
+                    )
+        return self
+
+
 class PipelineConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -677,6 +745,9 @@ class PipelineConfig(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    ablation: AblationConfig = Field(
+        default_factory=AblationConfig, description="Data-recipe ablation; used by `pretrain-pipeline ablate` only."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "PipelineConfig":
@@ -694,7 +765,7 @@ class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the file and the field."""
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -711,7 +782,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return tree
 
 

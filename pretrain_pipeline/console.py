@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
-# A stage's own lines ("clean: 3000 documents in, ..."), without the launcher's plan and command.
-_STAGE_LINE = re.compile(r"^(clean|tokenize|train|evaluate|export|report): (?!plan: |\S*/(torchrun|deepspeed|python\S*) )")
+# A stage's own lines ("clean: 3000 documents in, ...") and an ablation's, without the launcher's plan and command.
+_STAGE_LINE = re.compile(r"^(clean|tokenize|train|evaluate|export|report|ablation \S+): (?!plan: |\S*/(torchrun|deepspeed|python\S*) )")
 # Rank 0's step line, which drives the training progress bar.
 _STEP_LINE = re.compile(r"\[pretrain\] step (\d+) loss (\S+)")
 
@@ -83,6 +83,9 @@ class _PrefectConsoleFilter(logging.Filter):
 def quiet_start_up() -> None:
     """Before Ray or Prefect is imported: their start-up notices stay off the terminal."""
     logging.getLogger(_RAY_TOKEN_LOGGER).setLevel(logging.ERROR)
+    # Ray started from a Prefect task's thread (an ablation's subflows) cannot set its SIGTERM
+    # handler there, and says so; the stage stops its Ray itself.
+    logging.getLogger("ray._private.worker").addFilter(lambda record: "SIGTERM handler is not set" not in record.getMessage())
     # DeepSpeed sets its logger's level when imported; a filter stays (its accelerator notice goes).
     logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar

@@ -22,6 +22,9 @@ from pretrain_pipeline.config import PipelineConfig
 from pretrain_pipeline.stages import STAGES
 
 PROBE_TIMEOUT_S = 2.0  # a Ray or Prefect address that does not answer in this is named as down
+# Set by the CLI once it has checked a config: the flow it then starts in this process skips the
+# same checks (a flow started from a deployment has no such mark and checks for itself).
+CHECKED_ENV = "PRETRAIN_PIPELINE_PREFLIGHT_CHECKED"
 COMPRESSED_SUFFIXES = (".gz", ".zst", ".parquet")
 
 
@@ -61,24 +64,27 @@ def _text_bytes(files: Iterable[Path]) -> int:
     return sum(f.stat().st_size * (4 if f.name.endswith(COMPRESSED_SUFFIXES) else 1) for f in files)
 
 
+def _found_files(field: str, label: str, patterns: Iterable[str], found: Findings) -> list[Path]:
+    """The files of every pattern, a row each; a pattern that matches nothing is a problem on ``field``."""
+    out: list[Path] = []
+    for pattern in patterns:
+        try:
+            files = expand_inputs([pattern])  # the stages' own resolution, one pattern at a time to count each
+        except (FileNotFoundError, ValueError) as err:
+            found.rows.append((f"{label} {pattern}", "NOT FOUND"))
+            found.problems.append(Problem(field, str(err)))
+            continue
+        found.rows.append((f"{label} {pattern}", f"{len(files)} files, {_human_bytes(sum(f.stat().st_size for f in files))}"))
+        out += files
+    return out
+
+
 def _check_inputs(cfg: PipelineConfig, found: Findings) -> int:
     """Rows per input pattern; returns the inputs' estimated text bytes."""
     if cfg.data.sample_corpus:
         found.rows.append(("inputs", f"sample corpus (built at first run, up to {cfg.data.sample_corpus_max_docs} documents)"))
         return cfg.data.sample_corpus_max_docs * 4096  # a docstring document is a few KiB at most
-    text = 0
-    for pattern in cfg.data.inputs:
-        try:
-            # The clean stage's own resolution, one pattern at a time to count each.
-            files = expand_inputs([pattern])
-        except (FileNotFoundError, ValueError) as err:
-            found.rows.append((f"input {pattern}", "NOT FOUND"))
-            found.problems.append(Problem("data.inputs", str(err)))
-            continue
-        size = sum(f.stat().st_size for f in files)
-        text += _text_bytes(files)
-        found.rows.append((f"input {pattern}", f"{len(files)} files, {_human_bytes(size)}"))
-    return text
+    return _text_bytes(_found_files("data.inputs", "input", cfg.data.inputs, found))
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -323,6 +329,8 @@ def check_stages(cfg: PipelineConfig, stages: Iterable[str], prefect: bool = Tru
         _check_device(cfg, found)
         _check_plan(cfg, found)
         _check_resume(cfg, found)
+    if "evaluate" in stages:  # else the evaluate stage would fail on them after training
+        _found_files("eval.heldout_inputs", "held-out", cfg.eval.heldout_inputs, found)
     _check_lm_eval_tasks(cfg, stages, found)
     _check_wandb(cfg, stages, found)
     _check_ray(cfg, stages, found)
@@ -334,3 +342,17 @@ def check_stages(cfg: PipelineConfig, stages: Iterable[str], prefect: bool = Tru
 def preflight(cfg: PipelineConfig, stages: Iterable[str], prefect: bool = True) -> list[Problem]:
     """The problems :func:`check_stages` finds for ``stages``; empty when they may start."""
     return check_stages(cfg, stages, prefect).problems
+
+
+def _checked_key(cfg: PipelineConfig, stages: Iterable[str]) -> str:
+    return f"{cfg.fingerprint()}:{','.join(sorted(stages))}"
+
+
+def mark_checked(cfg: PipelineConfig, stages: Iterable[str]) -> None:
+    """Record that ``cfg`` passed the checks for ``stages`` in this process."""
+    os.environ[CHECKED_ENV] = _checked_key(cfg, stages)
+
+
+def already_checked(cfg: PipelineConfig, stages: Iterable[str]) -> bool:
+    """Whether this process already checked this very config for these stages."""
+    return os.environ.get(CHECKED_ENV) == _checked_key(cfg, stages)

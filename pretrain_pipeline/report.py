@@ -33,7 +33,7 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
@@ -44,11 +44,11 @@ def _fmt(value: Any) -> str:
 
 
 def _table(rows: list[tuple[str, Any]]) -> list[str]:
-    return ["| | |", "|---|---|", *[f"| {k} | {_fmt(v)} |" for k, v in rows], ""]
+    return ["| | |", "|---|---|", *[f"| {k} | {fmt(v)} |" for k, v in rows], ""]
 
 
 @contextlib.contextmanager
-def _figure(out: Path, title: str, height: float = 3.5) -> Iterator[Any]:
+def figure(out: Path, title: str, height: float = 3.5) -> Iterator[Any]:
     """Axes of a figure drawn off-screen (no display needed) and saved to ``out`` on exit."""
     import matplotlib
 
@@ -69,7 +69,7 @@ def _plot_funnel(steps: list[Any], out: Path) -> Path:
     """Documents left after each step (blue) and removed by it (red), the first step on top."""
     y = list(range(len(steps)))[::-1]
     left, removed = [s.left for s in steps], [s.removed for s in steps]
-    with _figure(out, "Cleaning funnel", height=0.4 * len(steps) + 1) as ax:
+    with figure(out, "Cleaning funnel", height=0.4 * len(steps) + 1) as ax:
         ax.barh(y, left, color="#4c72b0", label="left")
         ax.barh(y, removed, left=left, color="#c44e52", label="removed")
         ax.set_yticks(y, [s.step for s in steps])
@@ -92,7 +92,7 @@ def _clean_section(paths: RunPaths) -> list[str]:
         ("documents in", "docs_in"), ("blank lines skipped", "skipped_blank_lines"), ("kept", "kept"), ("quarantined", "quarantined"))])
     steps = funnel(stats)
     lines += ["| step | removed | left | reasons |", "|---|---|---|---|"]
-    lines += [f"| {s.step} | {_fmt(s.removed)} | {_fmt(s.left)} | {s.reasons_text() or s.note} |" for s in steps]
+    lines += [f"| {s.step} | {fmt(s.removed)} | {fmt(s.left)} | {s.reasons_text() or s.note} |" for s in steps]
     lines += ["", "![filter funnel](plots/filter_funnel.png)", ""]
     _plot_funnel(steps, paths.plots / "filter_funnel.png")
     if contamination := stats.get("contamination"):
@@ -112,7 +112,7 @@ def _plot_lengths(stats: dict[str, Any], out: Path) -> Path | None:
     # stats.json stores bins as [{"min_words", "max_words", "documents"}, ...]
     edges = [max(b["min_words"], 1) for b in hist] + [hist[-1]["max_words"]]
     counts = [b["documents"] for b in hist]
-    with _figure(out, "Kept document lengths") as ax:
+    with figure(out, "Kept document lengths") as ax:
         ax.stairs(counts, edges, fill=True, alpha=0.7)
         ax.set_xscale("log")
         ax.set_xlabel("document length (words)")
@@ -152,7 +152,7 @@ def _plot_loss(series: dict[str, list[tuple[int, float]]], events: list[dict[str
     train, val = series["train loss"], series["validation loss"]
     if not train and not val:
         return None
-    with _figure(out, "Training") as ax:
+    with figure(out, "Training") as ax:
         if train:
             ax.plot(*zip(*train), label="train loss", lw=1)
         if val:
@@ -224,8 +224,10 @@ def write_report(paths: RunPaths) -> Path:
         lines += _table([(k, v) for k, v in ev.items() if isinstance(v, (int, float, str)) and k not in ("eval_path", "skipped")])
         if ev.get("lm_eval"):
             lines += ["lm-evaluation-harness:", "", "| task | metric | value |", "|---|---|---|"]
-            lines += [f"| {task} | {name} | {_fmt(v)} |" for task, m in ev["lm_eval"].items() for name, v in m.items()]
+            lines += [f"| {task} | {name} | {fmt(v)} |" for task, m in ev["lm_eval"].items() for name, v in m.items()]
             lines.append("")
+        if ev.get("heldout"):
+            lines += ["Held-out text (`eval.heldout_inputs`, scored whole):", "", *_table(list(ev["heldout"].items()))]
         for sample in ev.get("samples") or []:
             prompt = sample.get("prompt", "") if isinstance(sample, dict) else ""
             text = sample.get("completion", sample.get("text", "")) if isinstance(sample, dict) else str(sample)

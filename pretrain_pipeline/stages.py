@@ -85,6 +85,7 @@ def evaluate(cfg: PipelineConfig, force: bool = False, log: Log = print) -> dict
     result = _result(run_eval(cfg, paths, force=force))
     log(f"evaluate: val loss {_figure(result.get('loss'))}, ppl {_figure(result.get('perplexity'))}, "
         f"bpb {_figure(result.get('bits_per_byte'))}"
+        + (f", held-out bpb {_figure(result['heldout']['bits_per_byte'])}" if result.get("heldout") else "")
         + "".join(f"; {task} {metrics}" for task, metrics in (result.get("lm_eval") or {}).items()))
     return result
 

@@ -122,6 +122,21 @@ def test_flows_started_without_the_cli_refuse_before_any_task(tmp_path):
             body()
 
 
+def test_a_flow_started_by_the_cli_does_not_check_the_same_config_twice(tmp_path, monkeypatch):
+    from flows.pipeline import PreflightFailed, _preflight
+    from pretrain_pipeline.preflight import CHECKED_ENV, already_checked, mark_checked
+
+    monkeypatch.delenv(CHECKED_ENV, raising=False)
+    cfg = build_config({"data": {"inputs": [str(tmp_path / "missing.jsonl")]}, "runtime": {"runs_root": str(tmp_path)}})
+    other = build_config({**cfg.model_dump(), "train": {"max_steps": 7}})
+    mark_checked(cfg, ["tokenize", "clean"])
+    assert already_checked(cfg, ["clean", "tokenize"])
+    assert not already_checked(other, ["clean", "tokenize"]) and not already_checked(cfg, ["clean"])
+    _preflight(cfg, ["clean", "tokenize"])  # marked: not checked again (the input is missing)
+    with pytest.raises(PreflightFailed, match="missing.jsonl"):
+        _preflight(other, ["clean", "tokenize"])
+
+
 def test_a_disk_without_room_for_the_outputs_names_free_and_needed_bytes(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()

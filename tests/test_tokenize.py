@@ -19,7 +19,8 @@ from data_prep import shards as shards_mod
 from data_prep.ray_runtime import LocalRunner, ProcessPoolRunner
 from data_prep.shards import (ShardWriter, encode_parts, encode_row_groups, encode_runner, line_cuts, read_shard_tokens,
                               shard_schema, splits_at_newlines, token_type, work_items)
-from data_prep.tokenizer import RandrangeDraws, _train, sample_lines, split_long_line, trainer_settings
+from data_prep.tokenizer import (WHITESPACE, RandrangeDraws, _train, sample_clean_parts, sample_lines, split_long_line,
+                                 trainer_settings, write_lines)
 from pretrain_pipeline.artifacts import RunPaths, sha256_file
 from pretrain_pipeline.config import PipelineConfig, TokenizerConfig
 
@@ -184,11 +185,31 @@ def _reservoir_with_randrange(texts, max_lines, max_bytes, seed):
     return [line for _, line, _ in sorted(reservoir)], len({doc for *_, doc in reservoir})
 
 
+# Blank to str.strip or not: every kind of whitespace, alone, around text, at a line's ends.
+ODD_LINES = ["x" * 3000 + "\n" + "é" * 900, " \n\t\n", "", "\u3000\xa0\n\x1c\x85\r\n \u2028 x\n\x00\n  \u205f", "\r\n\t y \u3000"]
+
+
 @pytest.mark.parametrize("max_lines", [100, 3000, 10**6])
 def test_sample_draws_what_randrange_draws(max_lines):
-    docs = _corpus() + ["x" * 3000 + "\n" + "é" * 900, " \n\t\n", ""]
+    docs = _corpus() + ODD_LINES
     sample = sample_lines(iter(docs), max_lines, 512, seed=5)
     assert (sample, sample.documents) == _reservoir_with_randrange(docs, max_lines, 512, 5)
+    assert WHITESPACE == "".join(c for c in map(chr, range(0x110000)) if c.isspace())
+
+
+@pytest.mark.parametrize("max_lines", [40, 3000])
+def test_sample_of_clean_parts_in_threads_is_the_sample_of_their_texts(tmp_path, max_lines):
+    """Row groups read and split in threads, and the sample file written from Arrow: the same
+    lines, documents and bytes as ``sample_lines`` (few lines: kept lines pruned many times)."""
+    docs = ODD_LINES + _corpus()
+    parts = [tmp_path / "part-00000.parquet", tmp_path / "part-00001.parquet"]
+    for part, chunk in zip(parts, (docs[:700], docs[700:])):
+        pq.write_table(pa.table({"text": chunk}), part, row_group_size=64)
+    lines, documents = sample_clean_parts(parts, max_lines, 512, seed=3, threads=2)
+    expected = sample_lines(iter(docs), max_lines, 512, seed=3)
+    assert (lines.to_pylist(), documents) == (expected, expected.documents)
+    assert write_lines(lines, tmp_path / "sample.txt") == len(("\n".join(expected) + "\n").encode())
+    assert (tmp_path / "sample.txt").read_text(encoding="utf-8") == "\n".join(expected) + "\n"
 
 
 def test_bulk_draws_are_randranges_draw_for_draw():
