@@ -172,6 +172,11 @@ class UnitRunner(abc.ABC):
     def _cancel(self, handle: Any) -> None:
         pass
 
+    def _restart(self, err: Exception) -> bool:
+        """After ``err``, start fresh workers if ``err`` means the workers died (all units in flight
+        are then lost and started again); False: ``err`` is the unit's own failure."""
+        return False
+
     def map(
         self,
         fn: Callable[..., Any],
@@ -196,6 +201,7 @@ class UnitRunner(abc.ABC):
         rest = iter(units)
         pending: dict[Any, Any] = {}  # handle -> unit, in start order
         total = len(units) if isinstance(units, Sized) else None
+        restarts = 0
         with tqdm(total=total, desc=desc, unit="task", disable=is_quiet()) as bar:
             try:
                 for unit in itertools.islice(rest, window):
@@ -206,6 +212,10 @@ class UnitRunner(abc.ABC):
                     try:
                         result = self._result(handle)
                     except Exception as err:
+                        if restarts < TASK_RETRIES and self._restart(err):
+                            restarts += 1
+                            pending = {start(u): u for u in (unit, *pending.values())}
+                            continue
                         raise _unit_failure(describe(unit), err, self._cause(err)) from err
                     for following in itertools.islice(rest, 1):
                         pending[start(following)] = following
@@ -296,8 +306,10 @@ class ProcessPoolRunner(_ExecutorRunner):
     (so, as with any start method but fork, a script must guard its entry point with
     ``if __name__ == "__main__"``); not forked from the caller, which may hold threads. They start
     in a background thread as soon as the runner is made (the forkserver's imports would otherwise
-    hold up the caller), so they are ready before the first unit comes. A worker that dies fails
-    the map (no retry, unlike Ray). Close it with ``shutdown()`` (``process_pool_runner`` does).
+    hold up the caller), so they are ready before the first unit comes. A worker that dies (killed,
+    out of memory) breaks the pool: a fresh pool takes over and the units in flight start again, up
+    to ``TASK_RETRIES`` times per map, as Ray retries a task whose worker died. Close it with
+    ``shutdown()`` (``process_pool_runner`` does).
     """
 
     def __init__(self, cpus: int, preload: tuple[str, ...] = ()) -> None:
@@ -308,10 +320,36 @@ class ProcessPoolRunner(_ExecutorRunner):
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["__main__", *preload])  # else each worker imports __main__ again
         self._cpus = cpus
-        self.pool = ProcessPoolExecutor(cpus, mp_context=context, initializer=_exit_when_gone, initargs=(os.getpid(),))
+        self._new_pool = functools.partial(ProcessPoolExecutor, cpus, mp_context=context, initializer=_exit_when_gone,
+                                           initargs=(os.getpid(),))
+        self.pool = self._new_pool()
         # Each submit that finds no idle worker starts one; submit is thread-safe.
         self._starting = threading.Thread(target=lambda: [self.pool.submit(int) for _ in range(cpus)], daemon=True)
         self._starting.start()
+
+    def _starter(self, fn: Callable[..., Any], shared: tuple) -> Callable[[Any], Any]:
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        def start(unit: Any) -> Any:
+            try:
+                return self.pool.submit(fn, unit, *shared)
+            except BrokenProcessPool as err:  # broke since the last result: met, and restarted, when awaited
+                failed: Future = Future()
+                failed.set_exception(err)
+                return failed
+
+        return start
+
+    def _restart(self, err: Exception) -> bool:
+        from concurrent.futures.process import BrokenProcessPool
+
+        if not isinstance(err, BrokenProcessPool):
+            return False
+        log.warning("a worker of the process pool died (%s); starting the units in flight again", err)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._new_pool()
+        return True
 
     def shutdown(self) -> None:
         self._starting.join()

@@ -43,6 +43,18 @@ def ray_cluster(tmp_path_factory):
                 os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def two_sources(run_dir, tmp_path_factory):
+    """Two named datasets, web and books, for mixtures: the module's ``run_dir`` and a copy of its
+    tokenizer and shards (sources share one tokenizer; each walks its own seed)."""
+    import shutil
+
+    books = tmp_path_factory.mktemp("books")
+    shutil.copytree(run_dir / "tokenizer", books / "tokenizer")
+    shutil.copytree(run_dir / "shards", books / "shards")
+    return {"web": run_dir / "shards", "books": books / "shards"}
+
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

@@ -123,3 +123,18 @@ def make_synthetic_run(
     }
     atomic_write_json(shards_dir / "manifest.json", manifest)
     return shards_dir / "manifest.json"
+
+
+def synthetic_run_config(root: Path, train: dict, wandb_mode: str = "disabled"):
+    """The config of the synthetic run at ``root`` (its tokenizer has 320 pieces): a 2-layer,
+    64-wide GPT on 32-token windows, with ``train`` as the train section."""
+    from pretrain_pipeline.config import build_config
+
+    return build_config({
+        "data": {"sample_corpus": True},
+        "tokenizer": {"vocab_size": 320},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
+        "train": train,
+        "tracking": {"wandb_mode": wandb_mode},
+        "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
+    })

@@ -32,14 +32,6 @@ def run_dir(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def two_sources(run_dir, tmp_path_factory):
-    books = tmp_path_factory.mktemp("books")
-    shutil.copytree(run_dir / "tokenizer", books / "tokenizer")
-    shutil.copytree(run_dir / "shards", books / "shards")
-    return {"web": run_dir / "shards", "books": books / "shards"}
-
-
 def ranks(run_dir, mb, accum, world, seed=7):
     return [ShardDataset(run_dir / "shards", "train", BLOCK, mb, rank=r, world_size=world, seed=seed,
                          verify=False, grad_accum_steps=accum) for r in range(world)]
@@ -259,21 +251,15 @@ MIXTURE = {"web": 0.6, "books": 0.4}
 
 
 def launch_cfg(paths, **train):
-    from pretrain_pipeline.config import build_config, merge_tree
+    from pretrain_pipeline.config import merge_tree
+    from synthetic import synthetic_run_config
 
-    return build_config({
-        "data": {"sample_corpus": True},
-        "tokenizer": {"vocab_size": 320},
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
-        "train": merge_tree({
-            "micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 6, "log_every": 1, "device": "cpu",
-            "precision": "fp32", "zero": {"stage": 0}, "launch": {"nproc_per_node": 1},
-            "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2, "min_lr": 3e-4},
-            "validation": {"every": 100, "batches": 1}, "checkpoint": {"every": 3}, "data_mixture": MIXTURE,
-        }, train),
-        "tracking": {"wandb_mode": "disabled"},
-        "runtime": {"run_name": paths.root.name, "runs_root": str(paths.root.parent)},
-    })
+    return synthetic_run_config(paths.root, merge_tree({
+        "micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 6, "log_every": 1, "device": "cpu",
+        "precision": "fp32", "zero": {"stage": 0}, "launch": {"nproc_per_node": 1},
+        "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2, "min_lr": 3e-4},
+        "validation": {"every": 100, "batches": 1}, "checkpoint": {"every": 3}, "data_mixture": MIXTURE,
+    }, train))
 
 
 @pytest.mark.integration

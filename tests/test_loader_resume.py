@@ -143,15 +143,6 @@ def test_shards_open_with_plain_pyarrow_and_datasets(run_dir):
 # ---------------------------------------------------------------- mixtures
 
 
-@pytest.fixture(scope="module")
-def two_sources(run_dir, tmp_path_factory):
-    # Named datasets share one tokenizer; a copy of the shards is enough, each source walks its own seed.
-    books = tmp_path_factory.mktemp("books")
-    shutil.copytree(run_dir / "tokenizer", books / "tokenizer")
-    shutil.copytree(run_dir / "shards", books / "shards")
-    return {"web": run_dir / "shards", "books": books / "shards"}
-
-
 def _mix(sources, weights, rank=0, world=1, seed=3):
     return build_mixture(sources, weights, "train", BLOCK, MB, rank=rank, world_size=world, seed=seed)
 

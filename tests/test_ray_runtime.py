@@ -76,6 +76,48 @@ def test_a_failing_unit_is_named_and_the_units_in_flight_are_cancelled():
     assert runner.cancelled == ["4", "5"]
 
 
+def _kill_own_worker_once(unit: int, marks: str) -> int:
+    """A unit whose first attempt kills its worker (as the OOM killer would), when it is unit 3."""
+    import os
+    import signal
+
+    mark = Path(marks) / f"unit-{unit}"
+    if unit == 3 and not mark.exists():
+        mark.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return unit * unit
+
+
+def _kill_own_worker_always(unit: int) -> int:
+    import os
+    import signal
+
+    if unit == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return unit
+
+
+def test_a_killed_pool_worker_is_replaced_and_its_units_start_again(tmp_path):
+    from data_prep.ray_runtime import TASK_RETRIES, process_pool_runner
+
+    with process_pool_runner(2) as runner:
+        results = list(runner.map(_kill_own_worker_once, range(8), shared=(str(tmp_path),), window=3,
+                                  describe=lambda u: f"unit {u}", desc="test"))
+        assert results == [u * u for u in range(8)]
+        # A unit that kills every worker it meets fails after TASK_RETRIES fresh pools, naming the
+        # unit awaited then (the one that died, or one that died with it).
+        make_pool, pools = runner._new_pool, []
+
+        def counted_pool():
+            pools.append(make_pool())
+            return pools[-1]
+
+        runner._new_pool = counted_pool
+        with pytest.raises(RuntimeError, match=r"^unit [01] failed: A process in the process pool was terminated"):
+            list(runner.map(_kill_own_worker_always, range(4), describe=lambda u: f"unit {u}", desc="test"))
+        assert len(pools) == TASK_RETRIES
+
+
 def test_a_unit_that_cannot_read_its_file_keeps_errno_and_file(tmp_path):
     missing = tmp_path / "missing.bin"
     with pytest.raises(OSError) as err:

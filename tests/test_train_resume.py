@@ -17,30 +17,21 @@ import pytest
 
 from pretrain.tracking import losses_by_step
 from pretrain_pipeline.artifacts import RunPaths
-from pretrain_pipeline.config import build_config, dump_config, merge_tree
-from synthetic import make_synthetic_run  # tests/ is on sys.path (rootdir conftest)
+from pretrain_pipeline.config import dump_config, merge_tree
+from synthetic import make_synthetic_run, synthetic_run_config  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.integration
 
 
 def make_cfg(root: Path, **train):
-    return build_config(
-        {
-            "data": {"sample_corpus": True},
-            "tokenizer": {"vocab_size": 320},
-            "model": {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32},
-            "train": merge_tree({
-                "micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 10, "log_every": 1, "device": "cpu",
-                "precision": "fp32", "zero": {"stage": 1}, "launch": {"nproc_per_node": 2},
-                "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2, "min_lr": 3e-4},
-                "validation": {"every": 100, "batches": 2}, "checkpoint": {"every": 3, "keep_last": 2},
-                "plan": {"peak_tflops": 1.0},
-            }, train),
-            # W&B offline, as in production: the resumed run must continue the killed run's W&B run.
-            "tracking": {"wandb_mode": "offline"},
-            "runtime": {"run_name": root.name, "runs_root": str(root.parent)},
-        }
-    )
+    # W&B offline, as in production: the resumed run must continue the killed run's W&B run.
+    return synthetic_run_config(root, merge_tree({
+        "micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 10, "log_every": 1, "device": "cpu",
+        "precision": "fp32", "zero": {"stage": 1}, "launch": {"nproc_per_node": 2},
+        "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2, "min_lr": 3e-4},
+        "validation": {"every": 100, "batches": 2}, "checkpoint": {"every": 3, "keep_last": 2},
+        "plan": {"peak_tflops": 1.0},
+    }, train), wandb_mode="offline")
 
 
 @pytest.fixture()
