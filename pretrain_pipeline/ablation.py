@@ -110,9 +110,7 @@ def _proxy_tree(cfg: PipelineConfig, name: str, root: Path, heldout: list[str]) 
     if settings.proxy.preset:
         tree["model"] = {"preset": settings.proxy.preset, "vocab_size": cfg.model.vocab_size}
     if settings.proxy.train_tokens:
-        shape = ModelConfig.model_validate(tree["model"])
-        tc = cfg.train
-        per_step = tc.micro_batch_size * tc.grad_accum_steps * tc.launch.nproc_per_node * tc.launch.nnodes * shape.block_size
+        per_step = cfg.train.tokens_per_step(ModelConfig.model_validate(tree["model"]).block_size)
         tree["train"]["max_steps"] = max(1, math.ceil(settings.proxy.train_tokens / per_step))
     tree["eval"]["heldout_inputs"] = heldout
     if settings.lm_eval_tasks is not None:

@@ -145,7 +145,7 @@ def report_markdown(plan: AblationPlan, rows: list[dict[str, Any]], summary: lis
                     best: dict[str, Any] | None, metrics: dict[str, tuple[str, bool | None]], plots: list[Path]) -> str:
     ref = plan.reference.config
     tc = ref.train
-    per_step = tc.micro_batch_size * tc.grad_accum_steps * tc.launch.nproc_per_node * tc.launch.nnodes * ref.model.block_size
+    per_step = tc.tokens_per_step(ref.model.block_size)
     heldout = next((r for r in rows if r["done"]), None)
     lines = [
         f"# Ablation `{plan.name}`", "",

@@ -157,7 +157,11 @@ def _stages_to_run(args: argparse.Namespace) -> list[str]:
             forced_stages(args.force)
         except ValueError as err:
             raise UserError(f"--force: {err}") from None
-        return list(STAGES) if args.command == "run" else ["clean", "tokenize", "train", "evaluate"]
+        if args.command == "ablate":
+            from pretrain_pipeline.ablation import DATA_STAGES, MODEL_STAGES
+
+            return [*DATA_STAGES, *MODEL_STAGES]
+        return list(STAGES)
     return [args.command] if args.command in STAGES else []
 
 

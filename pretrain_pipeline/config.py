@@ -582,6 +582,11 @@ class TrainConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="Rank topology and launcher.")
     plan: PlanConfig = Field(default_factory=PlanConfig, description="Pre-launch memory and time plan.")
 
+    def tokens_per_step(self, block_size: int, world_size: int | None = None) -> int:
+        """Tokens in one optimizer step: micro batch x accumulation x ranks x context."""
+        world = world_size or self.launch.nproc_per_node * self.launch.nnodes
+        return self.micro_batch_size * self.grad_accum_steps * world * block_size
+
     @model_validator(mode="before")
     @classmethod
     def _refuse_flat_keys(cls, data: Any) -> Any:
